@@ -1,0 +1,26 @@
+"""loradrop: LoRA-drop (output-based LoRA pruning with a shared LoRA) and DropLoRA on PEFT."""
+
+from .config import LoraDropConfig, RankDropoutConfig
+from .importance import ImportanceProbe, ImportanceResult, evaluate_importance
+from .selection import Plan, select
+from .sharing import apply_plan, lora_parameter_count, summary
+from .sites import Site, find_sites
+from .tasks import stratified_sample
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ImportanceProbe",
+    "ImportanceResult",
+    "LoraDropConfig",
+    "Plan",
+    "RankDropoutConfig",
+    "Site",
+    "apply_plan",
+    "evaluate_importance",
+    "find_sites",
+    "lora_parameter_count",
+    "select",
+    "stratified_sample",
+    "summary",
+]

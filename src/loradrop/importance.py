@@ -1,0 +1,287 @@
+"""LoRA-drop's first stage: how much each site's LoRA changes its layer's output.
+
+Per site, g = sum over probe tokens of ||Delta W x||^2, with Delta W x = scaling * B A x the LoRA
+branch output (PEFT's scaling included), padding excluded. A forward hook on ``lora_B`` sees
+``B A x`` already computed, so the probe adds one squared-sum per site and never syncs with the
+host: the sums stay on the device in float64 until ``scores()``.
+
+Shared LoRA modules are called by several sites, so each site's forward pre-hook marks itself as
+the current site and the ``lora_B`` hook books the sum there.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from peft import PeftModel
+from peft.tuners.lora import LoraLayer
+from peft.utils import ModulesToSaveWrapper
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from .config import LoraDropConfig
+from .selection import Importance, Plan, select
+from .sites import Site, add_lora, find_sites, lora_layers, sites_by_type
+from .tasks.sampling import stratified_sample
+
+
+class ImportanceProbe:
+    """Context manager: while active, accumulates g = sum ||Delta W x||^2 per site.
+
+    ``record_examples=True`` also keeps each example's sum (for the output-norm histograms of the
+    paper's Figure 2).
+    """
+
+    def __init__(self, model: nn.Module, adapter_name: str = "default", record_examples: bool = False):
+        self.model = model
+        self.adapter_name = adapter_name
+        self.record_examples = record_examples
+        self.sites = find_sites(model)
+        self._layers = lora_layers(model)
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._current: Site | None = None
+        self._mask: torch.Tensor | None = None
+        self.reset()
+
+    def reset(self) -> None:
+        self._sums: dict[Site, torch.Tensor] = {}
+        self._examples: dict[Site, list[torch.Tensor]] = {s: [] for s in self.sites}
+
+    # -- hooks -------------------------------------------------------------------------------
+    def _capture_mask(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        mask = kwargs.get("attention_mask")
+        self._mask = mask if isinstance(mask, torch.Tensor) else None
+
+    def _enter_site(self, site: Site) -> Callable:
+        def hook(module: nn.Module, args: tuple) -> None:
+            self._current = site
+
+        return hook
+
+    def _leave_site(self, module: nn.Module, args: tuple, output: Any) -> None:
+        self._current = None
+
+    def _accumulate(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        site = self._current
+        if site is None:  # lora_B called outside a LoRA layer's forward (e.g. by merging code)
+            return
+        scaling = self._layers[site.name].scaling[self.adapter_name]
+        per_token = output.detach().float().square().sum(-1) * float(scaling) ** 2
+        mask = self._mask
+        if mask is not None and mask.shape == per_token.shape:
+            per_token = per_token * mask.to(per_token.dtype)
+        total = per_token.sum(dtype=torch.float64)
+        self._sums[site] = self._sums[site] + total if site in self._sums else total
+        if self.record_examples:
+            per_example = per_token.reshape(per_token.shape[0], -1).sum(-1) if per_token.dim() > 1 else per_token
+            self._examples[site].append(per_example.double())
+
+    def __enter__(self) -> ImportanceProbe:
+        root = self.model
+        self._handles.append(root.register_forward_pre_hook(self._capture_mask, with_kwargs=True))
+        hooked_b: set[int] = set()
+        for site in self.sites:
+            layer = self._layers[site.name]
+            if self.adapter_name not in layer.lora_B:
+                raise ValueError(f"site {site.name!r} has no LoRA adapter named {self.adapter_name!r}")
+            self._handles.append(layer.register_forward_pre_hook(self._enter_site(site)))
+            self._handles.append(layer.register_forward_hook(self._leave_site))
+            lora_b = layer.lora_B[self.adapter_name]
+            if id(lora_b) not in hooked_b:  # a shared lora_B gets one hook, booking to the current site
+                hooked_b.add(id(lora_b))
+                self._handles.append(lora_b.register_forward_hook(self._accumulate))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._current = self._mask = None
+
+    # -- results -----------------------------------------------------------------------------
+    def raw_scores(self) -> dict[Site, float]:
+        """g per site, summed over all processes when torch.distributed is initialised."""
+        device = next(iter(self._sums.values())).device if self._sums else torch.device("cpu")
+        zero = torch.zeros((), dtype=torch.float64, device=device)
+        stacked = torch.stack([self._sums.get(s, zero).to(device) for s in self.sites])
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(stacked)
+        return dict(zip(self.sites, stacked.tolist()))  # the one host sync of the probe
+
+    def scores(self) -> tuple[Importance, Importance]:
+        """(g, I): g per module type and layer, and I = g normalised within each module type."""
+        raw = self.raw_scores()
+        g: Importance = {}
+        for module_type, sites in sites_by_type(self.sites).items():
+            g[module_type] = {s.layer: raw[s] for s in sites}
+        return g, normalise(g)
+
+    def example_norms(self) -> dict[Site, torch.Tensor]:
+        """Per site, the squared LoRA output norm of every probed example (CPU, float64)."""
+        if not self.record_examples:
+            raise ValueError("example norms were not recorded: create the probe with record_examples=True")
+        return {s: torch.cat(v).cpu() if v else torch.zeros(0, dtype=torch.float64) for s, v in self._examples.items()}
+
+
+def normalise(g: Importance) -> Importance:
+    """I_i = g_i / sum g within each module type; an error when a type's LoRA produced no output."""
+    importance: Importance = {}
+    for module_type, scores in g.items():
+        total = sum(scores.values())
+        if not math.isfinite(total):
+            raise ValueError(
+                f"the LoRA output norms of {module_type!r} are not finite ({total}): the probe training "
+                "diverged; lower probe_lr"
+            )
+        if total <= 0.0:
+            raise ValueError(
+                f"every LoRA output of {module_type!r} is zero, so importance is undefined: no update "
+                "reached lora_B. Train the probe longer (probe_epochs, probe_max_steps) or with a larger "
+                "probe_lr, and check that the loss depends on these layers"
+            )
+        importance[module_type] = {layer: v / total for layer, v in scores.items()}
+    return importance
+
+
+@dataclass
+class ImportanceResult:
+    """What the probe found: g and I per module type and layer, and the plan they choose."""
+
+    g: Importance
+    importance: Importance
+    plan: Plan
+    sample_size: int
+    probe_steps: int
+    lora_state: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+    example_norms: dict[Site, torch.Tensor] | None = field(default=None, repr=False)
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _to_device(batch: Any, device: torch.device) -> dict[str, Any]:
+    if not isinstance(batch, dict):
+        raise ValueError(
+            f"a probe batch must be a dict of tensors (input_ids, attention_mask, labels), got {type(batch).__name__}; "
+            "pass a collate_fn or a tokenizer so loradrop can pad the examples"
+        )
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _loader(sample: Any, cfg: LoraDropConfig, collate_fn: Callable | None, shuffle: bool) -> DataLoader:
+    generator = torch.Generator().manual_seed(cfg.seed)
+    return DataLoader(sample, batch_size=cfg.probe_batch_size, shuffle=shuffle, collate_fn=collate_fn, generator=generator)
+
+
+def _default_collate(tokenizer: Any | None) -> Callable:
+    if tokenizer is not None:
+        from transformers import DataCollatorWithPadding
+
+        return DataCollatorWithPadding(tokenizer)
+    from transformers import default_data_collator
+
+    return default_data_collator
+
+
+def _probe_train(model: nn.Module, loader: DataLoader, cfg: LoraDropConfig, show_progress: bool) -> int:
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.probe_lr)
+    steps = max(1, math.ceil(cfg.probe_epochs * len(loader)))
+    if cfg.probe_max_steps is not None:
+        steps = min(steps, cfg.probe_max_steps)
+    device = _device_of(model)
+    model.train()
+
+    def batches() -> Iterator[Any]:
+        while True:
+            yield from loader
+
+    with tqdm(total=steps, desc="probe: training LoRA", disable=not show_progress) as bar:
+        for _, batch in zip(range(steps), batches()):
+            loss = model(**_to_device(batch, device)).loss
+            if loss is None:
+                raise ValueError("the model returned no loss on a probe batch: the data set needs a labels column")
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            bar.update()
+    return steps
+
+
+@torch.no_grad()
+def _probe_measure(model: nn.Module, loader: DataLoader, cfg: LoraDropConfig, show_progress: bool,
+                   record_examples: bool) -> ImportanceProbe:
+    device = _device_of(model)
+    model.eval()
+    with ImportanceProbe(model, cfg.adapter_name, record_examples) as probe:
+        for batch in tqdm(loader, desc="probe: measuring ||dW x||^2", disable=not show_progress):
+            model(**_to_device(batch, device))
+    return probe
+
+
+def _remove_lora(model: PeftModel, requires_grad: dict[str, bool]) -> None:
+    """Puts the original modules back into the model that ``add_lora`` wrapped in place, so a plain
+    model passed to evaluate_importance comes back exactly as it was."""
+    base = model.base_model.model
+    for name, module in list(base.named_modules()):
+        if isinstance(module, (LoraLayer, ModulesToSaveWrapper)):
+            parent, _, child = name.rpartition(".")
+            original = module.get_base_layer() if isinstance(module, LoraLayer) else module.original_module
+            setattr(base.get_submodule(parent), child, original)
+    for name, param in base.named_parameters():
+        param.requires_grad_(requires_grad[name])
+    if hasattr(base, "peft_config"):
+        del base.peft_config
+
+
+def evaluate_importance(
+    model: nn.Module,
+    train_dataset: Any,
+    cfg: LoraDropConfig,
+    *,
+    collate_fn: Callable | None = None,
+    tokenizer: Any | None = None,
+    show_progress: bool = False,
+    record_examples: bool = False,
+) -> ImportanceResult:
+    """Stage 1 of LoRA-drop: train LoRA briefly on a stratified ``cfg.sample_ratio`` sample, then
+    measure each site's LoRA output over that sample in one no-grad eval pass.
+
+    ``model`` is a PEFT LoRA model (trained in place; ``apply_plan`` re-initialises it when
+    ``cfg.reinit``) or a plain transformers model, which gets LoRA as ``cfg`` says for the probe and
+    comes back unchanged (the probe's LoRA weights are kept in the result for ``reinit=False``).
+    Base weights are never updated. Batches come from ``collate_fn``, else from a padding collator
+    built on ``tokenizer``, else from transformers' default collator (examples of equal length).
+    """
+    sample = stratified_sample(train_dataset, cfg.sample_ratio, cfg.label_column, cfg.seed)
+    wrapped = not isinstance(model, PeftModel)
+    requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+    peft_model = add_lora(model, cfg) if wrapped else model
+    collate = collate_fn or _default_collate(tokenizer)
+    try:
+        steps = _probe_train(peft_model, _loader(sample, cfg, collate, shuffle=True), cfg, show_progress)
+        probe = _probe_measure(peft_model, _loader(sample, cfg, collate, shuffle=False), cfg, show_progress,
+                               record_examples)
+        g, importance = probe.scores()
+        lora_state = None
+        if wrapped:
+            lora_state = {n: p.detach().cpu().clone() for n, p in peft_model.named_parameters() if p.requires_grad}
+    finally:
+        if wrapped:
+            _remove_lora(peft_model, requires_grad)
+    return ImportanceResult(
+        g=g,
+        importance=importance,
+        plan=select(importance, cfg),
+        sample_size=len(sample),
+        probe_steps=steps,
+        lora_state=lora_state,
+        example_norms=probe.example_norms() if record_examples else None,
+    )

@@ -1,0 +1,117 @@
+import pytest
+import torch
+
+from conftest import cls_dataset, padded_batch, randomize_lora, tiny_bert, tiny_llama
+from loradrop import ImportanceProbe, LoraDropConfig, evaluate_importance, find_sites
+from loradrop.sites import add_lora, lora_layers
+
+
+def reference_g(model, batch, use_mask=True):
+    """||scaling * B A x||^2 from the LoRA weights and the inputs each site saw, in float64."""
+    inputs = {}
+    layers = lora_layers(model)
+    handles = [layer.register_forward_pre_hook(lambda m, a, name=name: inputs.__setitem__(name, a[0].detach()))
+               for name, layer in layers.items()]
+    with torch.no_grad():
+        model(**batch)
+    for h in handles:
+        h.remove()
+    mask = batch["attention_mask"].double()
+    g = {}
+    for site in find_sites(model):
+        layer = layers[site.name]
+        a = layer.lora_A["default"].weight.double()
+        b = layer.lora_B["default"].weight.double()
+        out = layer.scaling["default"] * inputs[site.name].double() @ a.T @ b.T
+        per_token = out.square().sum(-1)
+        g.setdefault(site.module_type, {})[site.layer] = (per_token * mask if use_mask else per_token).sum().item()
+    return g
+
+
+@pytest.mark.parametrize("make,targets", [(tiny_bert, ["query", "value"]),
+                                          (tiny_llama, ["q_proj", "v_proj", "down_proj"])])
+def test_probe_matches_reference_on_padded_batches(make, targets):
+    model = add_lora(make(), LoraDropConfig(target_modules=targets, r=4, lora_alpha=12))
+    randomize_lora(model)
+    model.eval()
+    batches = [padded_batch(seed=s) for s in range(2)]
+    with ImportanceProbe(model) as probe, torch.no_grad():
+        for batch in batches:
+            model(**batch)
+    g, importance = probe.scores()
+    expected = {}
+    for batch in batches:
+        for t, per_layer in reference_g(model, batch).items():
+            for layer, v in per_layer.items():
+                expected.setdefault(t, {}).setdefault(layer, 0.0)
+                expected[t][layer] += v
+    assert set(g) == set(targets)
+    for t in targets:
+        assert g[t].keys() == expected[t].keys()
+        for layer in g[t]:
+            assert g[t][layer] == pytest.approx(expected[t][layer], rel=1e-5)
+        assert sum(importance[t].values()) == pytest.approx(1.0)
+        assert importance[t][0] == pytest.approx(g[t][0] / sum(g[t].values()))
+    t = targets[0]  # the reference can tell padding apart: counting it would change g
+    assert reference_g(model, batches[0], use_mask=False)[t][0] > 1.001 * reference_g(model, batches[0])[t][0]
+
+
+def test_hooks_are_removed_and_outputs_unchanged(lora_bert):
+    batch = padded_batch()
+    before = lora_bert(**batch).logits
+    with ImportanceProbe(lora_bert):
+        during = lora_bert(**batch).logits
+    assert torch.equal(before, during)
+    assert all(not layer._forward_hooks and not layer._forward_pre_hooks for layer in lora_layers(lora_bert).values())
+
+
+def test_all_zero_importance_is_an_error():
+    model = add_lora(tiny_bert(), LoraDropConfig(target_modules=["query"], r=2))  # B = 0: no output yet
+    with ImportanceProbe(model) as probe, torch.no_grad():
+        model(**padded_batch())
+    with pytest.raises(ValueError, match="every LoRA output of 'query' is zero.*probe_epochs"):
+        probe.scores()
+
+
+def test_evaluate_importance_on_a_plain_model_leaves_it_as_it_was():
+    model = tiny_bert()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    grads = {n: p.requires_grad for n, p in model.named_parameters()}
+    cfg = LoraDropConfig(target_modules=["query", "value"], r=4, sample_ratio=0.5, probe_epochs=2,
+                         probe_batch_size=4, probe_lr=1e-2)
+    result = evaluate_importance(model, cls_dataset(40), cfg)
+    assert result.sample_size == 20 and result.probe_steps == 10
+    assert set(result.importance) == {"query", "value"}
+    for t in ("query", "value"):
+        assert sorted(result.importance[t]) == [0, 1, 2, 3]
+        assert sum(result.importance[t].values()) == pytest.approx(1.0)
+        assert all(v > 0 for v in result.g[t].values())
+    assert result.plan.layers == {"query": [0, 1, 2, 3], "value": [0, 1, 2, 3]}
+    assert not lora_layers(model) and type(model.classifier) is torch.nn.Linear
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == grads
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert any(".lora_B." in k and v.abs().sum() > 0 for k, v in result.lora_state.items())
+
+
+def test_evaluate_importance_trains_a_peft_model_in_place_but_not_its_base():
+    cfg = LoraDropConfig(target_modules=["q_proj", "v_proj"], r=4, sample_ratio=1.0, probe_max_steps=3,
+                         probe_batch_size=2, probe_lr=1e-2)
+    model = add_lora(tiny_llama(), cfg)
+    base = {n: p.clone() for n, p in model.named_parameters() if "lora_" not in n}
+    data = [{k: v[0] for k, v in padded_batch(1, 6, seed=s, with_labels="lm").items()} for s in range(6)]
+    result = evaluate_importance(model, data, cfg)
+    assert result.probe_steps == 3 and result.lora_state is None
+    assert all(torch.equal(p, base[n]) for n, p in model.named_parameters() if "lora_" not in n)
+    assert any(p.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
+
+
+def test_evaluate_importance_without_labels_says_so():
+    cfg = LoraDropConfig(target_modules=["query"], r=2, sample_ratio=1.0, probe_max_steps=1)
+    data = [{k: v[0] for k, v in padded_batch(1, 5, seed=s).items()} for s in range(3)]
+    with pytest.raises(ValueError, match="needs a labels column"):
+        evaluate_importance(tiny_bert(), data, cfg)
+
+
+def test_evaluate_importance_on_empty_data():
+    with pytest.raises(ValueError, match="empty"):
+        evaluate_importance(tiny_bert(), [], LoraDropConfig(target_modules=["query"]))
