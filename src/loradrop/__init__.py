@@ -2,6 +2,7 @@
 
 from .config import LoraDropConfig, RankDropoutConfig
 from .importance import ImportanceProbe, ImportanceResult, evaluate_importance
+from .rank_dropout import add_rank_dropout, remove_rank_dropout
 from .selection import Plan, select
 from .sharing import apply_plan, lora_parameter_count, summary
 from .sites import Site, find_sites
@@ -16,10 +17,12 @@ __all__ = [
     "Plan",
     "RankDropoutConfig",
     "Site",
+    "add_rank_dropout",
     "apply_plan",
     "evaluate_importance",
     "find_sites",
     "lora_parameter_count",
+    "remove_rank_dropout",
     "select",
     "stratified_sample",
     "summary",

@@ -17,6 +17,7 @@ from peft.utils import ModulesToSaveWrapper
 
 from .config import LoraDropConfig
 from .importance import ImportanceResult
+from .rank_dropout import add_rank_dropout
 from .selection import Plan
 from .sites import Site, add_lora, find_sites, lora_layers, sites_by_type
 
@@ -73,6 +74,7 @@ def apply_plan(model: nn.Module, plan: Plan | ImportanceResult, cfg: LoraDropCon
     ``model`` is the PEFT model the probe trained, or a plain transformers model that gets LoRA as
     ``cfg`` says. With ``cfg.reinit`` every LoRA starts afresh as PEFT initialises it; without it,
     retained sites keep the probe's weights and a shared LoRA starts from its lowest layer's.
+    ``cfg.rank_dropout > 0`` turns on DropLoRA's rank mask on every remaining site.
     """
     result = plan if isinstance(plan, ImportanceResult) else None
     plan = result.plan if result is not None else plan
@@ -97,6 +99,8 @@ def apply_plan(model: nn.Module, plan: Plan | ImportanceResult, cfg: LoraDropCon
                 _drop(peft_model, site)
         else:
             _share(peft_model, others, cfg.adapter_name)
+    if cfg.rank_dropout > 0:
+        add_rank_dropout(peft_model, cfg.rank_dropout_config, adapter_name=cfg.adapter_name)
     setattr(peft_model, PLAN_ATTR, plan)
     setattr(peft_model, CONFIG_ATTR, cfg)
     return peft_model
