@@ -1,5 +1,6 @@
 """loradrop: LoRA-drop (output-based LoRA pruning with a shared LoRA) and DropLoRA on PEFT."""
 
+from .adapter_io import describe_adapter, export_peft, load_adapter, save_adapter
 from .config import LoraDropConfig, RankDropoutConfig
 from .importance import ImportanceProbe, ImportanceResult, evaluate_importance
 from .rank_dropout import add_rank_dropout, remove_rank_dropout
@@ -19,10 +20,14 @@ __all__ = [
     "Site",
     "add_rank_dropout",
     "apply_plan",
+    "describe_adapter",
     "evaluate_importance",
+    "export_peft",
     "find_sites",
+    "load_adapter",
     "lora_parameter_count",
     "remove_rank_dropout",
+    "save_adapter",
     "select",
     "stratified_sample",
     "summary",
