@@ -115,3 +115,18 @@ def test_evaluate_importance_without_labels_says_so():
 def test_evaluate_importance_on_empty_data():
     with pytest.raises(ValueError, match="empty"):
         evaluate_importance(tiny_bert(), [], LoraDropConfig(target_modules=["query"]))
+
+
+def test_recorded_example_norms_add_up_to_g(lora_bert):
+    batch = padded_batch()
+    with ImportanceProbe(lora_bert, record_examples=True) as probe, torch.no_grad():
+        lora_bert(**batch)
+        lora_bert(**padded_batch(seed=1))
+    g, _ = probe.scores()
+    norms = probe.example_norms()
+    for site, values in norms.items():
+        assert values.shape == (6,)  # two batches of three examples
+        assert values.sum().item() == pytest.approx(g[site.module_type][site.layer], rel=1e-6)
+    first = reference_g(lora_bert, {k: v[:1] for k, v in batch.items()})
+    site = next(iter(norms))
+    assert norms[site][0].item() == pytest.approx(first[site.module_type][site.layer], rel=1e-5)

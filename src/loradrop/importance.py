@@ -1,9 +1,10 @@
 """LoRA-drop's first stage: how much each site's LoRA changes its layer's output.
 
 Per site, g = sum over probe tokens of ||Delta W x||^2, with Delta W x = scaling * B A x the LoRA
-branch output (PEFT's scaling included), padding excluded. A forward hook on ``lora_B`` sees
-``B A x`` already computed, so the probe adds one squared-sum per site and never syncs with the
-host: the sums stay on the device in float64 until ``scores()``.
+branch output (PEFT's scaling included), padding excluded. A forward hook on ``lora_B`` sees its
+input h = A x (r values per token) and computes ||s B h||^2 = s^2 h^T (B^T B) h: r-wide work per
+token, never a copy of the d_out-wide output. The sums stay on the device in float64 until
+``scores()``, so the probe never syncs with the host.
 
 Shared LoRA modules are called by several sites, so each site's forward pre-hook marks itself as
 the current site and the ``lora_B`` hook books the sum there.
@@ -56,7 +57,7 @@ class ImportanceProbe:
     # -- hooks -------------------------------------------------------------------------------
     def _capture_mask(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         mask = kwargs.get("attention_mask")
-        self._mask = mask if isinstance(mask, torch.Tensor) else None
+        self._mask = mask.float() if isinstance(mask, torch.Tensor) else None
 
     def _enter_site(self, site: Site) -> Callable:
         def hook(module: nn.Module, args: tuple) -> None:
@@ -71,11 +72,17 @@ class ImportanceProbe:
         site = self._current
         if site is None:  # lora_B called outside a LoRA layer's forward (e.g. by merging code)
             return
-        scaling = self._layers[site.name].scaling[self.adapter_name]
-        per_token = output.detach().float().square().sum(-1) * float(scaling) ** 2
+        if module.bias is None:
+            # ||B h||^2 = h^T (B^T B) h: r-wide work per token instead of d_out-wide; the scaling^2
+            # factor is applied once, when the sums are read
+            h = args[0].detach().float()
+            weight = module.weight.detach().float()
+            per_token = torch.linalg.vecdot(h @ (weight.T @ weight), h)
+        else:
+            per_token = output.detach().float().square().sum(-1)
         mask = self._mask
         if mask is not None and mask.shape == per_token.shape:
-            per_token = per_token * mask.to(per_token.dtype)
+            per_token = per_token * mask
         total = per_token.sum(dtype=torch.float64)
         self._sums[site] = self._sums[site] + total if site in self._sums else total
         if self.record_examples:
@@ -112,7 +119,12 @@ class ImportanceProbe:
         stacked = torch.stack([self._sums.get(s, zero).to(device) for s in self.sites])
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(stacked)
-        return dict(zip(self.sites, stacked.tolist()))  # the one host sync of the probe
+        sums = stacked.tolist()  # the one host sync of the probe
+        return {s: v * self._scale(s) for s, v in zip(self.sites, sums)}
+
+    def _scale(self, site: Site) -> float:
+        """scaling^2 of the site: ||Delta W x||^2 = scaling^2 ||B A x||^2."""
+        return float(self._layers[site.name].scaling[self.adapter_name]) ** 2
 
     def scores(self) -> tuple[Importance, Importance]:
         """(g, I): g per module type and layer, and I = g normalised within each module type."""
@@ -126,7 +138,8 @@ class ImportanceProbe:
         """Per site, the squared LoRA output norm of every probed example (CPU, float64)."""
         if not self.record_examples:
             raise ValueError("example norms were not recorded: create the probe with record_examples=True")
-        return {s: torch.cat(v).cpu() if v else torch.zeros(0, dtype=torch.float64) for s, v in self._examples.items()}
+        return {s: (torch.cat(v).cpu() if v else torch.zeros(0, dtype=torch.float64)) * self._scale(s)
+                for s, v in self._examples.items()}
 
 
 def normalise(g: Importance) -> Importance:

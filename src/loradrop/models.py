@@ -46,14 +46,17 @@ def bundled_model_dir(name: str = "minilm") -> Path:
     return path
 
 
-def load_classifier(model_name_or_path: str | Path, num_labels: int,
-                    label_names: Sequence[str] = ()) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def load_classifier(model_name_or_path: str | Path, num_labels: int, label_names: Sequence[str] = (),
+                    dtype: str = "float32") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A sequence classifier with a new head of ``num_labels`` outputs (1 means regression) and its
-    tokenizer, from a bundled model name, a local folder or a hub id.
+    tokenizer, from a bundled model name, a local folder or a hub id (a checkpoint's own head of
+    another size is replaced).
 
     Bundled models load with ``local_files_only`` so that no hub is ever asked. ``label_names``
     names the outputs in the config, so a saved model reports classes rather than LABEL_0.
     Decoder models without a padding token get their end-of-text token as one, which batching needs.
+    ``dtype`` is the base weights' dtype ("float32", "bfloat16", "float16" or "auto" for the
+    checkpoint's own): float32 by default, so a checkpoint stored in half precision trains the same.
     """
     if label_names and len(label_names) != num_labels:
         raise ValueError(f"{len(label_names)} label_names for num_labels={num_labels}: give one name per output")
@@ -63,7 +66,8 @@ def load_classifier(model_name_or_path: str | Path, num_labels: int,
     if label_names:
         names = {"id2label": dict(enumerate(label_names)), "label2id": {n: i for i, n in enumerate(label_names)}}
     tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=bundled)
-    model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=num_labels, local_files_only=bundled, **names)
+    model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=num_labels, local_files_only=bundled,
+                                                               dtype=dtype, ignore_mismatched_sizes=True, **names)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     if model.config.pad_token_id is None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .config import RankDropoutConfig
 from .sites import lora_layers
@@ -40,13 +41,15 @@ class _RankMask:
         self.cfg = cfg
 
     def __call__(self, module: nn.Module, args: tuple, hidden: torch.Tensor) -> torch.Tensor | None:
-        if not module.training or self.cfg.p == 0.0:
+        p = self.cfg.p
+        if not module.training or p == 0.0:
             return None
-        keep = 1.0 - self.cfg.p
-        mask = torch.empty(mask_shape(hidden, self.cfg.granularity), device=hidden.device, dtype=hidden.dtype)
-        mask.bernoulli_(keep)
+        if self.cfg.granularity == "token" and self.cfg.rescale:
+            return F.dropout(hidden, p, training=True)  # one fused kernel forward and backward
+        shape = mask_shape(hidden, self.cfg.granularity)
+        mask = torch.empty(shape, device=hidden.device, dtype=hidden.dtype).bernoulli_(1.0 - p)
         if self.cfg.rescale:
-            mask.div_(keep)
+            mask.div_(1.0 - p)
         return hidden * mask
 
 

@@ -19,6 +19,7 @@ from typing import Any
 import peft
 import torch
 import transformers
+from accelerate import PartialState
 from peft import PeftModel
 from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
@@ -66,6 +67,7 @@ class RunConfig:
     text_pair_column: str | None = None
     label_column: str = "label"
     model: str = "minilm"
+    dtype: str = "float32"
     target_modules: list[str] | None = None
     r: int = 8
     lora_alpha: float = 16
@@ -102,6 +104,8 @@ class RunConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} is invalid: must be a positive integer")
+        if self.dtype not in ("float32", "bfloat16", "float16", "auto"):
+            raise ValueError(f"dtype={self.dtype!r} is invalid: must be float32, bfloat16, float16 or auto")
         self.loradrop_config(["query"])  # validates the LoRA-drop fields now, not after loading a model
         RankDropoutConfig(self.rank_dropout, self.rank_dropout_granularity)
 
@@ -143,6 +147,16 @@ def _targets(model: torch.nn.Module, cfg: RunConfig) -> list[str]:
     if model_type not in DEFAULT_TARGETS:
         raise ValueError(f"no default LoRA targets for model type {model_type!r}: pass target_modules, e.g. ['q_proj', 'v_proj']")
     return DEFAULT_TARGETS[model_type]
+
+
+def _prepare(cfg: RunConfig) -> tuple[Task, Any, Any, Any, Any, LoraDropConfig]:
+    """Task, raw and tokenized data, model, tokenizer and LoRA-drop config of a run."""
+    task, data = _load_data(cfg)
+    data["train"] = _limit(data["train"], cfg.max_train_examples, cfg.seed)
+    model, tokenizer = load_classifier(cfg.model, task.num_labels, task.label_names, cfg.dtype)
+    model.to(PartialState().device)  # the probe runs before the Trainer would move the model
+    tokenized = tokenize_task(data, tokenizer, task, cfg.max_length)
+    return task, data, model, tokenizer, tokenized, cfg.loradrop_config(_targets(model, cfg))
 
 
 # -- stage 1 -------------------------------------------------------------------------------------
@@ -245,11 +259,7 @@ def run(cfg: RunConfig, importance_from: Path | None = None) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     write_json(asdict(cfg), out / "run_config.json")
     set_seed(cfg.seed)
-    task, data = _load_data(cfg)
-    data["train"] = _limit(data["train"], cfg.max_train_examples, cfg.seed)
-    model, tokenizer = load_classifier(cfg.model, task.num_labels, task.label_names)
-    tokenized = tokenize_task(data, tokenizer, task, cfg.max_length)
-    ld_cfg = cfg.loradrop_config(_targets(model, cfg))
+    task, data, model, tokenizer, tokenized, ld_cfg = _prepare(cfg)
 
     start = time.perf_counter()
     peft_model = add_lora(model, ld_cfg)  # the probe trains this LoRA; apply_plan re-initialises it
@@ -304,12 +314,8 @@ def run(cfg: RunConfig, importance_from: Path | None = None) -> dict[str, Any]:
 def probe(cfg: RunConfig) -> dict[str, Any]:
     """LoRA-drop's stage 1 alone: probe, plan, heatmap and histograms in ``cfg.output_dir``."""
     out = Path(cfg.output_dir)
-    task, data = _load_data(cfg)
-    data["train"] = _limit(data["train"], cfg.max_train_examples, cfg.seed)
-    model, tokenizer = load_classifier(cfg.model, task.num_labels, task.label_names)
-    tokenized = tokenize_task(data, tokenizer, task, cfg.max_length)
-    ld_cfg = cfg.loradrop_config(_targets(model, cfg))
     set_seed(cfg.seed)
+    _, _, model, tokenizer, tokenized, ld_cfg = _prepare(cfg)
     start = time.perf_counter()
     result = evaluate_importance(model, tokenized["train"], ld_cfg, tokenizer=tokenizer,
                                  show_progress=cfg.show_progress, record_examples=True)

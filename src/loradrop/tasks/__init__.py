@@ -1,17 +1,10 @@
-"""Task data: the bundled data sets, user data, metrics and the probe's stratified sampling."""
+"""Task data: the probe's stratified sampling (``sampling``), the bundled data sets (``registry``),
+user data (``user_data``) and metrics (``metrics``).
 
-from .metrics import compute_metrics, majority_baseline
-from .registry import Task, get_task, list_tasks, load_task
+Only the sampling is imported here: the core of loradrop needs it, while the other modules pull in
+``datasets`` and scikit-learn, which a user who brings their own data loop need not have.
+"""
+
 from .sampling import stratified_sample
-from .user_data import load_user_task
 
-__all__ = [
-    "Task",
-    "compute_metrics",
-    "get_task",
-    "list_tasks",
-    "load_task",
-    "load_user_task",
-    "majority_baseline",
-    "stratified_sample",
-]
+__all__ = ["stratified_sample"]

@@ -1,0 +1,177 @@
+"""The papers' comparisons on the bundled model and every bundled classification task.
+
+Per task and seed: LoRA, LoRA-drop (T = 0.9), its ablations (no-share, inverse, random, top-k),
+DropLoRA (p = 0.5) and LoRA-drop + DropLoRA. Every LoRA-drop variant of a (task, seed) reuses one
+probe, so the ablations differ only in how they select. Then a threshold sweep on one task and the
+importance's stability across sample ratios (same probe steps for every ratio, as the paper).
+Runs go in parallel worker processes; the summary (tables, plots, JSON) goes to --out.
+
+    python benchmarks/reproduce.py --out results/ --runs /tmp/runs --workers 12
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+METHODS = ["lora-drop", "lora", "no-share", "inverse", "random", "top-k", "droplora", "lora-drop+droplora"]
+TASKS = ["rotten-tomatoes", "tweet-sentiment", "bbc-news"]
+THRESHOLDS = [0.7, 0.8, 0.95]  # 0.9 is lora-drop and 1.0 is lora, run above
+RATIOS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
+
+
+def base_options(args: argparse.Namespace) -> dict:
+    return dict(model=args.model, max_train_examples=args.max_train_examples, epochs=args.epochs,
+                batch_size=32, learning_rate=1e-3, max_length=128, show_progress=False)
+
+
+def run_group(jobs: list[dict]) -> list[str]:
+    """Runs a list of (config, importance_from) jobs in order in one process; returns run dirs."""
+    import torch
+
+    from loradrop.training import RunConfig, probe, run
+
+    torch.set_num_threads(1)
+    done = []
+    for job in jobs:
+        cfg = RunConfig(**job["config"])
+        if job.get("probe_only"):
+            if not (Path(cfg.output_dir) / "importance.json").exists():
+                probe(cfg)
+        else:
+            run(cfg, importance_from=Path(job["importance_from"]) if job.get("importance_from") else None)
+        done.append(cfg.output_dir)
+    return done
+
+
+def plan_jobs(args: argparse.Namespace) -> list[list[dict]]:
+    groups = []
+    opts = base_options(args)
+    for task in args.tasks:
+        for seed in args.seeds:
+            first = str(args.runs / task / f"lora-drop-seed{seed}")
+            group = []
+            for method in METHODS:
+                out = str(args.runs / task / f"{method}-seed{seed}")
+                group.append({"config": {**opts, "task": task, "seed": seed, "method": method, "output_dir": out},
+                              "importance_from": None if method == "lora-drop" else first})
+            groups.append(group)
+    task = args.tasks[0]
+    for seed in args.seeds:  # the threshold sweep reuses the lora-drop probe of its seed, which runs first
+        first = str(args.runs / task / f"lora-drop-seed{seed}")
+        groups.append([{"config": {**opts, "task": task, "seed": seed, "method": "lora-drop", "threshold": t,
+                                   "output_dir": str(args.runs / "threshold" / f"T{t}-seed{seed}")},
+                        "importance_from": first, "after": first} for t in THRESHOLDS])
+    groups.extend([{"config": {**opts, "task": task, "seed": 0, "method": "lora-drop", "sample_ratio": a,
+                                "probe_epochs": 1000.0, "probe_max_steps": args.ratio_probe_steps,
+                                "output_dir": str(args.runs / "ratio" / f"alpha{a}")}, "probe_only": True}]
+                  for a in RATIOS)
+    return groups
+
+
+def wait_for(path: Path, timeout: float = 900) -> None:
+    start = time.time()
+    while not (path / "importance.json").exists():
+        if time.time() - start > timeout:
+            raise TimeoutError(f"{path} never wrote importance.json")
+        time.sleep(2)
+
+
+def run_threshold_group(jobs: list[dict]) -> list[str]:
+    wait_for(Path(jobs[0]["after"]))
+    return run_group(jobs)
+
+
+def summarise(args: argparse.Namespace) -> None:
+    import numpy as np
+    from scipy.stats import spearmanr
+
+    from loradrop.report import aggregate_runs, importance_heatmap, results_table, sample_ratio_heatmap, write_json
+    from loradrop.training import summary_row
+
+    def results(path: Path) -> dict:
+        return json.loads((path / "results.json").read_text())
+
+    rows, full = [], []
+    for task in args.tasks:
+        for seed in args.seeds:
+            for method in METHODS:
+                r = results(args.runs / task / f"{method}-seed{seed}")
+                full.append(r)
+                rows.append({**summary_row(r), "metric": 100 * r["metric"], "majority": 100 * r["majority_baseline"]})
+    main = aggregate_runs(rows, group_by=("task", "method"), value_keys=("metric", "lora_params", "adapter_bytes"))
+    sweep = []
+    task = args.tasks[0]
+    for seed in args.seeds:
+        for t, path in [(t, args.runs / "threshold" / f"T{t}-seed{seed}") for t in THRESHOLDS] + [
+                (0.9, args.runs / task / f"lora-drop-seed{seed}"), (1.0, args.runs / task / f"lora-seed{seed}")]:
+            r = results(path)
+            kept = {k: len(v) for k, v in r["plan"]["retained"].items()}
+            sweep.append({"threshold": t, **{f"layers_{k}": v for k, v in kept.items()}, "metric": 100 * r["metric"]})
+    sweep_table = aggregate_runs(sorted(sweep, key=lambda x: x["threshold"]), group_by=("threshold",),
+                                 value_keys=tuple(k for k in sweep[0] if k != "threshold"))
+    ratios = {a: json.loads((args.runs / "ratio" / f"alpha{a}" / "importance.json").read_text())["importance"]
+              for a in RATIOS}
+    types = sorted(ratios[1.0])
+    stability = []
+    for a in RATIOS:
+        row = {"alpha": a}
+        for t in types:
+            layers = sorted(ratios[1.0][t], key=int)
+            row[f"spearman_{t}_vs_alpha1"] = float(spearmanr([ratios[a][t][k] for k in layers],
+                                                             [ratios[1.0][t][k] for k in layers]).statistic)
+        stability.append(row)
+    for t in types:
+        sample_ratio_heatmap({a: {int(k): v for k, v in ratios[a][t].items()} for a in RATIOS},
+                             args.out / f"sample_ratio_{t}.png", module_type=t)
+    per_task = {task: {t: {int(k): v for k, v in s.items()} for t, s in
+                       json.loads((args.runs / task / "lora-drop-seed0" / "importance.json").read_text())["importance"].items()}
+                for task in args.tasks}
+    importance_heatmap(per_task, args.out / "importance_by_task.png", title="LoRA importance I / max I, seed 0")
+    text = ["# Reproduction on the bundled model", "",
+            f"Model: {args.model}; {args.epochs} epochs on at most {args.max_train_examples} training examples, "
+            f"batch 32, lr 1e-3, r = 8 on query/value, 128 tokens; seeds {args.seeds}. Metric: validation accuracy (%), "
+            "mean ± std over seeds.", "", "## Methods", "", results_table(main), "",
+            "## Threshold sweep (" + args.tasks[0] + ")", "", results_table(sweep_table), "",
+            "## Importance stability across sample ratios (" + args.tasks[0] + ", seed 0, "
+            f"{args.ratio_probe_steps} probe steps each)", "", results_table(stability), ""]
+    (args.out / "reproduce.md").write_text("\n".join(text))
+    write_json({"methods": main, "runs": full, "threshold": sweep_table, "sample_ratio": stability,
+                "sample_ratio_importance": ratios}, args.out / "reproduce.json")
+    print("\n".join(text))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--runs", type=Path, required=True)
+    parser.add_argument("--model", default="minilm")
+    parser.add_argument("--tasks", nargs="+", default=TASKS)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--epochs", type=float, default=3.0)
+    parser.add_argument("--max-train-examples", type=int, default=8000)
+    parser.add_argument("--ratio-probe-steps", type=int, default=150)
+    parser.add_argument("--workers", type=int, default=16)
+    parser.add_argument("--summary-only", action="store_true")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    if not args.summary_only:
+        groups = plan_jobs(args)
+        start = time.time()
+        with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = [pool.submit(run_threshold_group if g[0].get("after") else run_group, g) for g in groups]
+            for future in futures:
+                for d in future.result():
+                    print(f"done {d} ({time.time() - start:.0f} s)", flush=True)
+    summarise(args)
+
+
+if __name__ == "__main__":
+    main()
