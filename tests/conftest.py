@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from transformers import (
+    AutoTokenizer,
     BertConfig,
     BertForSequenceClassification,
     GPT2Config,
@@ -76,6 +77,21 @@ def cls_dataset(n: int = 40, seq: int = 6, seed: int = 0) -> list[dict]:
             ids[0] = 1
         rows.append({"input_ids": ids, "attention_mask": torch.ones(seq, dtype=torch.long), "labels": label})
     return rows
+
+
+def save_tiny_bert_dir(path, layers: int, dropout: float = 0.1) -> str:
+    """A small BERT with the bundled model's real tokenizer, saved as a model folder: the real
+    loading path (``load_classifier`` on a path) at a test's cost."""
+    from loradrop.models import bundled_model_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(bundled_model_dir(), local_files_only=True)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
+                        intermediate_size=48, max_position_embeddings=64, hidden_dropout_prob=dropout,
+                        attention_probs_dropout_prob=dropout)
+    BertForSequenceClassification(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
 
 
 @pytest.fixture

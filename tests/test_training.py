@@ -4,11 +4,10 @@ tokenizer)."""
 import json
 
 import pytest
-import torch
-from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, Trainer
+from transformers import Trainer
 
 import loradrop.training as training
-from loradrop.models import bundled_model_dir
+from conftest import save_tiny_bert_dir
 from loradrop.training import METHODS, RunConfig, run
 
 
@@ -33,15 +32,7 @@ def test_run_config_validation(tmp_path, field, value, message):
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
-    """A 2-layer BERT with the bundled tokenizer: the real loading path at a test's cost."""
-    path = tmp_path_factory.mktemp("tiny-bert")
-    tokenizer = AutoTokenizer.from_pretrained(bundled_model_dir(), local_files_only=True)
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=48, max_position_embeddings=64)
-    BertForSequenceClassification(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
+    return save_tiny_bert_dir(tmp_path_factory.mktemp("tiny-bert"), layers=2)
 
 
 def tiny_run(out, model_dir, **kw):
@@ -96,3 +87,15 @@ def test_plain_lora_run_keeps_every_site_and_reuse_of_a_probe(tmp_path, tiny_mod
     assert inverse["plan"]["importance"] == first["plan"]["importance"]
     for t in ("query", "value"):
         assert len(inverse["plan"]["retained"][t]) == len(first["plan"]["retained"][t])
+
+
+def test_fsdp_is_refused_for_a_shared_lora(tmp_path):
+    from loradrop import Plan
+    from loradrop.training import _refuse_fsdp_with_sharing
+
+    shared = Plan(layers={"query": [0, 1, 2]}, retained={"query": [1]})
+    cfg = RunConfig(output_dir=str(tmp_path), extra={"fsdp": "full_shard"})
+    with pytest.raises(ValueError, match="FSDP cannot shard a LoRA that several layers share"):
+        _refuse_fsdp_with_sharing(shared, cfg)
+    _refuse_fsdp_with_sharing(Plan(layers=shared.layers, retained=shared.layers), cfg)  # plain LoRA is fine
+    _refuse_fsdp_with_sharing(shared, RunConfig(output_dir=str(tmp_path)))  # no FSDP, no objection

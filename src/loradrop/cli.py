@@ -116,6 +116,7 @@ def train(
     threshold: Annotated[float, typer.Option(help="LoRA-drop's cumulative importance T")] = 0.9,
     sample_ratio: Annotated[float, typer.Option(help="probe sample ratio alpha")] = 0.1,
     probe_max_steps: Annotated[Optional[int], typer.Option(help="cap on probe steps")] = None,
+    probe_batch_size: Annotated[int, typer.Option(help="probe batch size per process")] = 16,
     rank_dropout: Annotated[float, typer.Option(help="DropLoRA's p for the droplora methods")] = 0.5,
     epochs: Annotated[float, typer.Option(help="training epochs")] = 3.0,
     max_steps: Annotated[Optional[int], typer.Option(help="stop after this many steps")] = None,
@@ -132,8 +133,11 @@ def train(
     options.pop("importance_from")
     from .training import run, summary_row
 
+    from accelerate import PartialState
+
     results = run(_run_config(options.pop("out"), **options), importance_from=importance_from)
-    _print_rows([summary_row(results)], f"{method} on {results['task']}")
+    if PartialState().is_main_process:  # under torchrun / accelerate launch every rank gets here
+        _print_rows([summary_row(results)], f"{method} on {results['task']}")
 
 
 @app.command()
@@ -223,3 +227,7 @@ def compare(
 
 def main() -> None:
     app()
+
+
+if __name__ == "__main__":  # torchrun -m loradrop.cli train ...
+    main()

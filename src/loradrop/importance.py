@@ -12,6 +12,8 @@ the current site and the ``lora_B`` hook books the sum there.
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -23,7 +25,7 @@ import torch.nn as nn
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from peft.utils import ModulesToSaveWrapper
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm.auto import tqdm
 
 from .config import LoraDropConfig
@@ -138,8 +140,13 @@ class ImportanceProbe:
         """Per site, the squared LoRA output norm of every probed example (CPU, float64)."""
         if not self.record_examples:
             raise ValueError("example norms were not recorded: create the probe with record_examples=True")
-        return {s: (torch.cat(v).cpu() if v else torch.zeros(0, dtype=torch.float64)) * self._scale(s)
-                for s, v in self._examples.items()}
+        local = {s: (torch.cat(v).cpu() if v else torch.zeros(0, dtype=torch.float64)) * self._scale(s)
+                 for s, v in self._examples.items()}
+        if not _distributed():
+            return local
+        gathered: list[dict[Site, torch.Tensor]] = [{} for _ in range(dist.get_world_size())]
+        dist.all_gather_object(gathered, local)
+        return {s: torch.cat([part[s] for part in gathered]) for s in self.sites}
 
 
 def normalise(g: Importance) -> Importance:
@@ -188,9 +195,28 @@ def _to_device(batch: Any, device: torch.device) -> dict[str, Any]:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def _loader(sample: Any, cfg: LoraDropConfig, collate_fn: Callable | None, shuffle: bool) -> DataLoader:
-    generator = torch.Generator().manual_seed(cfg.seed)
-    return DataLoader(sample, batch_size=cfg.probe_batch_size, shuffle=shuffle, collate_fn=collate_fn, generator=generator)
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _world() -> tuple[int, int]:
+    """(processes, this rank): (1, 0) outside torch.distributed."""
+    return (dist.get_world_size(), dist.get_rank()) if _distributed() else (1, 0)
+
+
+def _train_loader(sample: Any, cfg: LoraDropConfig, collate_fn: Callable | None) -> tuple[DataLoader, DistributedSampler]:
+    """Shuffled batches of this rank's share. One sampler in every case, so a run on N processes
+    with batch b sees, step by step, the same examples as one process with batch N * b."""
+    processes, rank = _world()
+    sampler = DistributedSampler(sample, num_replicas=processes, rank=rank, shuffle=True, seed=cfg.seed)
+    return DataLoader(sample, batch_size=cfg.probe_batch_size, sampler=sampler, collate_fn=collate_fn), sampler
+
+
+def _measure_loader(sample: Any, cfg: LoraDropConfig, collate_fn: Callable | None) -> DataLoader:
+    """This rank's examples for the measuring pass: every example on exactly one rank, none twice."""
+    processes, rank = _world()
+    return DataLoader(Subset(sample, range(rank, len(sample), processes)), batch_size=cfg.probe_batch_size,
+                      collate_fn=collate_fn)
 
 
 def _default_collate(tokenizer: Any | None) -> Callable:
@@ -203,22 +229,29 @@ def _default_collate(tokenizer: Any | None) -> Callable:
     return default_data_collator
 
 
-def _probe_train(model: nn.Module, loader: DataLoader, cfg: LoraDropConfig, show_progress: bool) -> int:
+def _probe_train(model: nn.Module, sample: Any, collate_fn: Callable | None, cfg: LoraDropConfig,
+                 show_progress: bool) -> int:
+    """Trains the probe's LoRA; data-parallel (torch DDP) when torch.distributed is initialised."""
+    loader, sampler = _train_loader(sample, cfg, collate_fn)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.probe_lr)
     steps = max(1, math.ceil(cfg.probe_epochs * len(loader)))
     if cfg.probe_max_steps is not None:
         steps = min(steps, cfg.probe_max_steps)
     device = _device_of(model)
+    trained = model
+    if _distributed():
+        trained = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     model.train()
 
     def batches() -> Iterator[Any]:
-        while True:
+        for epoch in itertools.count():
+            sampler.set_epoch(epoch)
             yield from loader
 
     with tqdm(total=steps, desc="probe: training LoRA", disable=not show_progress) as bar:
         for _, batch in zip(range(steps), batches()):
-            loss = model(**_to_device(batch, device)).loss
+            loss = trained(**_to_device(batch, device)).loss
             if loss is None:
                 raise ValueError("the model returned no loss on a probe batch: the data set needs a labels column")
             loss.backward()
@@ -229,14 +262,28 @@ def _probe_train(model: nn.Module, loader: DataLoader, cfg: LoraDropConfig, show
 
 
 @torch.no_grad()
-def _probe_measure(model: nn.Module, loader: DataLoader, cfg: LoraDropConfig, show_progress: bool,
-                   record_examples: bool) -> ImportanceProbe:
+def _probe_measure(model: nn.Module, sample: Any, collate_fn: Callable | None, cfg: LoraDropConfig,
+                   show_progress: bool, record_examples: bool) -> ImportanceProbe:
     device = _device_of(model)
     model.eval()
     with ImportanceProbe(model, cfg.adapter_name, record_examples) as probe:
+        loader = _measure_loader(sample, cfg, collate_fn)
         for batch in tqdm(loader, desc="probe: measuring ||dW x||^2", disable=not show_progress):
             model(**_to_device(batch, device))
     return probe
+
+
+def _check_same_on_every_rank(text: str, device: torch.device) -> None:
+    """Fails loudly unless every rank holds the same ``text`` (the plan): compares SHA-256 digests."""
+    digest = torch.tensor(list(hashlib.sha256(text.encode()).digest()), dtype=torch.int64, device=device)
+    lowest, highest = digest.clone(), digest.clone()
+    dist.all_reduce(lowest, op=dist.ReduceOp.MIN)
+    dist.all_reduce(highest, op=dist.ReduceOp.MAX)
+    if not torch.equal(lowest, highest):
+        raise RuntimeError(
+            f"rank {dist.get_rank()}: the LoRA-drop plan differs across ranks; every rank must probe the same "
+            "model on the same data with the same config and seed"
+        )
 
 
 def _remove_lora(model: PeftModel, requires_grad: dict[str, bool]) -> None:
@@ -272,6 +319,10 @@ def evaluate_importance(
     comes back unchanged (the probe's LoRA weights are kept in the result for ``reinit=False``).
     Base weights are never updated. Batches come from ``collate_fn``, else from a padding collator
     built on ``tokenizer``, else from transformers' default collator (examples of equal length).
+
+    Under torch.distributed (torchrun, accelerate launch) every rank draws the same sample, the probe
+    trains data-parallel with torch DDP (``probe_batch_size`` per process), each rank measures its
+    share of the sample, g is summed over ranks, and the plan is checked to be identical everywhere.
     """
     sample = stratified_sample(train_dataset, cfg.sample_ratio, cfg.label_column, cfg.seed)
     wrapped = not isinstance(model, PeftModel)
@@ -279,9 +330,9 @@ def evaluate_importance(
     peft_model = add_lora(model, cfg) if wrapped else model
     collate = collate_fn or _default_collate(tokenizer)
     try:
-        steps = _probe_train(peft_model, _loader(sample, cfg, collate, shuffle=True), cfg, show_progress)
-        probe = _probe_measure(peft_model, _loader(sample, cfg, collate, shuffle=False), cfg, show_progress,
-                               record_examples)
+        show_progress = show_progress and _world()[1] == 0
+        steps = _probe_train(peft_model, sample, collate, cfg, show_progress)
+        probe = _probe_measure(peft_model, sample, collate, cfg, show_progress, record_examples)
         g, importance = probe.scores()
         lora_state = None
         if wrapped:
@@ -289,10 +340,13 @@ def evaluate_importance(
     finally:
         if wrapped:
             _remove_lora(peft_model, requires_grad)
+    plan = select(importance, cfg)
+    if _distributed():
+        _check_same_on_every_rank(plan.to_json(), _device_of(peft_model))
     return ImportanceResult(
         g=g,
         importance=importance,
-        plan=select(importance, cfg),
+        plan=plan,
         sample_size=len(sample),
         probe_steps=steps,
         lora_state=lora_state,

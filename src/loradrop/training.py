@@ -20,6 +20,8 @@ import peft
 import torch
 import transformers
 from accelerate import PartialState
+from accelerate.utils import DistributedType
+from accelerate.utils import set_seed as seed_per_rank
 from peft import PeftModel
 from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
@@ -76,6 +78,7 @@ class RunConfig:
     sample_ratio: float = 0.1
     probe_epochs: float = 3.0
     probe_max_steps: int | None = None
+    probe_batch_size: int = 16
     rank_dropout: float = 0.5
     rank_dropout_granularity: str = "token"
     epochs: float = 3.0
@@ -120,11 +123,23 @@ class RunConfig:
             sample_ratio=self.sample_ratio,
             probe_epochs=self.probe_epochs,
             probe_max_steps=self.probe_max_steps,
+            probe_batch_size=self.probe_batch_size,
             strategy=strategy or "importance",
             seed=self.seed,
             rank_dropout=self.rank_dropout if rank_dropout else 0.0,
             rank_dropout_granularity=self.rank_dropout_granularity,
         )
+
+
+def _state() -> PartialState:
+    """accelerate's view of the launch. Without CUDA, torchrun's processes are CPU ranks (gloo),
+    which accelerate and the Trainer only treat as distributed when told to use the CPU."""
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def _is_main() -> bool:
+    """Only the main process writes files (under torchrun / accelerate launch every rank runs this)."""
+    return _state().is_main_process
 
 
 # -- data and model ------------------------------------------------------------------------------
@@ -154,7 +169,7 @@ def _prepare(cfg: RunConfig) -> tuple[Task, Any, Any, Any, Any, LoraDropConfig]:
     task, data = _load_data(cfg)
     data["train"] = _limit(data["train"], cfg.max_train_examples, cfg.seed)
     model, tokenizer = load_classifier(cfg.model, task.num_labels, task.label_names, cfg.dtype)
-    model.to(PartialState().device)  # the probe runs before the Trainer would move the model
+    model.to(_state().device)  # the probe runs before the Trainer would move the model
     tokenized = tokenize_task(data, tokenizer, task, cfg.max_length)
     return task, data, model, tokenizer, tokenized, cfg.loradrop_config(_targets(model, cfg))
 
@@ -185,17 +200,29 @@ def _plan(model: PeftModel, train: Any, tokenizer: Any, cfg: RunConfig, ld_cfg: 
         layers = {t: [s.layer for s in group] for t, group in sites_by_type(find_sites(model)).items()}
         return Plan(layers=layers, retained=layers, threshold=1.0), 0.0
     record = out / "importance.json"
-    if not record.exists() and importance_from is not None:
-        write_json(json.loads((importance_from / "importance.json").read_text()), record)
-    if record.exists():
-        return select(_importance_from(record), ld_cfg), 0.0
+    source = record if record.exists() else importance_from / "importance.json" if importance_from else None
+    if source is not None:
+        if source != record and _is_main():
+            write_json(json.loads(source.read_text()), record)
+        return select(_importance_from(source), ld_cfg), 0.0
     start = time.perf_counter()
     result = evaluate_importance(model, train, ld_cfg, tokenizer=tokenizer, show_progress=cfg.show_progress,
                                  record_examples=True)
     seconds = time.perf_counter() - start
-    write_json(_importance_record(result, seconds), record)
-    _write_probe_report(out, result)
+    if _is_main():
+        write_json(_importance_record(result, seconds), record)
+        _write_probe_report(out, result)
     return result.plan, seconds
+
+
+def _refuse_fsdp_with_sharing(plan: Plan, cfg: RunConfig) -> None:
+    """FSDP puts each parameter in one shard group; a LoRA shared by several layers would need two."""
+    fsdp = _state().distributed_type == DistributedType.FSDP or bool(cfg.extra.get("fsdp"))
+    if fsdp and plan.others == "shared" and any(plan.others_of(t) for t in plan.layers):
+        raise ValueError(
+            "FSDP cannot shard a LoRA that several layers share; train LoRA-drop with data parallelism "
+            "(torchrun / accelerate launch without an FSDP config), or use method lora or no-share under FSDP"
+        )
 
 
 # -- stage 2 -------------------------------------------------------------------------------------
@@ -212,10 +239,11 @@ class _KeepBest(TrainerCallback):
         score = (metrics or {}).get("eval_metric")
         if score is None or (self.best is not None and score <= self.best["metric"]):
             return
-        save_adapter(model, self.out / "adapter")
         self.best = {"metric": score, "step": state.global_step,
                      "scores": {k.removeprefix("eval_"): v for k, v in metrics.items()}}
-        write_json(self.best, self.best_file)
+        if _is_main():  # every rank tracks the best (metrics are gathered), one writes
+            save_adapter(model, self.out / "adapter")
+            write_json(self.best, self.best_file)
 
 
 def _training_args(cfg: RunConfig, out: Path, steps_per_epoch: int) -> TrainingArguments:
@@ -237,9 +265,15 @@ def _training_args(cfg: RunConfig, out: Path, steps_per_epoch: int) -> TrainingA
         logging_steps=max(1, min(50, eval_steps)),
         report_to=[],
         seed=cfg.seed,
+        data_seed=cfg.seed,
+        use_cpu=not torch.cuda.is_available(),  # the same shuffle on every rank, whatever the per-rank seeds of the masks
         bf16=bf16,
         disable_tqdm=not cfg.show_progress,
         dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,  # every LoRA site is used in every forward
+        # A classifier's loss is a mean over the batch, but a PEFT model's forward takes **kwargs, so the
+        # Trainer would treat it as a token-sum loss and multiply it by the number of processes.
+        average_tokens_across_devices=False,
         **cfg.extra,
     )
 
@@ -257,7 +291,8 @@ def run(cfg: RunConfig, importance_from: Path | None = None) -> dict[str, Any]:
     if results_file.exists():
         return json.loads(results_file.read_text())
     out.mkdir(parents=True, exist_ok=True)
-    write_json(asdict(cfg), out / "run_config.json")
+    if _is_main():
+        write_json(asdict(cfg), out / "run_config.json")
     set_seed(cfg.seed)
     task, data, model, tokenizer, tokenized, ld_cfg = _prepare(cfg)
 
@@ -265,8 +300,9 @@ def run(cfg: RunConfig, importance_from: Path | None = None) -> dict[str, Any]:
     peft_model = add_lora(model, ld_cfg)  # the probe trains this LoRA; apply_plan re-initialises it
     plan, probe_seconds = _plan(peft_model, tokenized["train"], tokenizer, cfg, ld_cfg, out, importance_from)
     peft_model = apply_plan(peft_model, plan, ld_cfg)
+    _refuse_fsdp_with_sharing(plan, cfg)
 
-    steps_per_epoch = -(-len(tokenized["train"]) // cfg.batch_size)
+    steps_per_epoch = -(-len(tokenized["train"]) // (cfg.batch_size * _state().num_processes))
     trainer = Trainer(
         model=peft_model,
         args=_training_args(cfg, out, steps_per_epoch),
@@ -276,12 +312,14 @@ def run(cfg: RunConfig, importance_from: Path | None = None) -> dict[str, Any]:
         compute_metrics=lambda p: compute_metrics(task, p.predictions, p.label_ids),
         callbacks=[keep_best := _KeepBest(out)],
     )
+    seed_per_rank(cfg.seed, device_specific=True)  # rank-dropout masks differ by rank, reproducibly
     checkpoint = get_last_checkpoint(str(out / "checkpoints")) if (out / "checkpoints").is_dir() else None
     train_start = time.perf_counter()
     trainer.train(resume_from_checkpoint=checkpoint)
     if trainer.state.global_step % trainer.args.eval_steps:  # the last steps were not evaluated yet
         trainer.evaluate()
     train_seconds = time.perf_counter() - train_start
+    _state().wait_for_everyone()  # the main process has written the best adapter
 
     adapter = describe_adapter(out / "adapter")
     results = {
@@ -307,7 +345,8 @@ def run(cfg: RunConfig, importance_from: Path | None = None) -> dict[str, Any]:
         "versions": _versions(),
         "device": str(peft_model.device),
     }
-    write_json(results, results_file)
+    if _is_main():
+        write_json(results, results_file)
     return results
 
 
@@ -320,8 +359,9 @@ def probe(cfg: RunConfig) -> dict[str, Any]:
     result = evaluate_importance(model, tokenized["train"], ld_cfg, tokenizer=tokenizer,
                                  show_progress=cfg.show_progress, record_examples=True)
     record = _importance_record(result, time.perf_counter() - start)
-    write_json(record, out / "importance.json")
-    _write_probe_report(out, result)
+    if _is_main():
+        write_json(record, out / "importance.json")
+        _write_probe_report(out, result)
     return record
 
 
