@@ -7,7 +7,7 @@ import pytest
 from typer.testing import CliRunner
 
 import loradrop
-from conftest import randomize_lora, tiny_bert
+from conftest import randomize_lora, save_tiny_bert_dir, tiny_bert
 from loradrop import LoraDropConfig, Plan, apply_plan, save_adapter
 from loradrop.cli import app
 
@@ -99,3 +99,18 @@ def test_end_to_end_on_the_bundled_model(tmp_path):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     inspect = json.loads(invoke("inspect", out / "adapter", "--json").stdout)
     assert inspect["bytes_on_disk"] == results["adapter_bytes"]
+
+
+def test_importance_command_probes_and_draws(tmp_path):
+    model = save_tiny_bert_dir(tmp_path / "model", layers=3)
+    out = tmp_path / "probe"
+    result = invoke("importance", "--out", out, "--model", model, "--max-train-examples", 200, "--max-length", 24,
+                    "--probe-max-steps", 3, "--threshold", 0.8)
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "importance.json").read_text())
+    assert record["probe_steps"] == 3 and record["sample_size"] == 20
+    for t in ("query", "value"):
+        assert sum(record["importance"][t].values()) == pytest.approx(1.0)
+    assert record["plan"]["threshold"] == 0.8
+    assert (out / "importance_heatmap.png").read_bytes()[:4] == b"\x89PNG"
+    assert "LoRA importance (T = 0.8)" in result.stdout
