@@ -30,7 +30,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import loradrop  # noqa: E402
 from loradrop import LoraDropConfig, Plan, apply_plan, find_sites  # noqa: E402
-from loradrop.sites import sites_by_type  # noqa: E402
+from loradrop.sites import site_layers  # noqa: E402
 
 SHAPES = {
     "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
@@ -82,12 +82,12 @@ def make_step(model, batch, autocast: bool, optimizer=None):
 
 def half_plan(model) -> Plan:
     """Every other layer of each type keeps its own LoRA: about half retained, as LoRA-drop at T=0.9."""
-    layers = {t: sorted(s.layer for s in g) for t, g in sites_by_type(find_sites(model)).items()}
+    layers = site_layers(find_sites(model))
     return Plan(layers=layers, retained={t: ls[::2] for t, ls in layers.items()}, threshold=0.9)
 
 
 def full_plan(model) -> Plan:
-    layers = {t: sorted(s.layer for s in g) for t, g in sites_by_type(find_sites(model)).items()}
+    layers = site_layers(find_sites(model))
     return Plan(layers=layers, retained=layers, threshold=1.0)
 
 

@@ -90,7 +90,6 @@ def run_threshold_group(jobs: list[dict]) -> list[str]:
 
 
 def summarise(args: argparse.Namespace) -> None:
-    import numpy as np
     from scipy.stats import spearmanr
 
     from loradrop.report import aggregate_runs, importance_heatmap, results_table, sample_ratio_heatmap, write_json

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 import loradrop.adapter_io as adapter_io
 from conftest import padded_batch, randomize_lora, tiny_bert, tiny_llama
 from loradrop import (LoraDropConfig, Plan, add_rank_dropout, apply_plan, describe_adapter, export_peft,
-                      find_sites, load_adapter, lora_parameter_count, save_adapter)
+                      find_sites, load_adapter, lora_parameter_count, remove_rank_dropout, save_adapter)
 from loradrop.rank_dropout import rank_dropout_of
 from loradrop.sharing import shared_groups
 from loradrop.sites import add_lora
@@ -263,3 +263,10 @@ def test_not_a_loradrop_adapter(tmp_path):
 def test_save_needs_a_peft_model(tmp_path):
     with pytest.raises(ValueError, match="expected a PEFT model"):
         save_adapter(tiny_bert(), tmp_path / "a")
+
+
+def test_rank_dropout_switched_off_before_saving_stays_off(tmp_path):
+    model = llama_dropped(rank_dropout=0.3)  # its config asks for rank dropout
+    remove_rank_dropout(model)
+    save_adapter(model, tmp_path / "a")
+    assert rank_dropout_of(load_adapter(tiny_llama(), tmp_path / "a")) is None

@@ -62,7 +62,17 @@ def test_hooks_are_removed_and_outputs_unchanged(lora_bert):
     with ImportanceProbe(lora_bert):
         during = lora_bert(**batch).logits
     assert torch.equal(before, during)
-    assert all(not layer._forward_hooks and not layer._forward_pre_hooks for layer in lora_layers(lora_bert).values())
+    assert not lora_bert._forward_pre_hooks and not lora_bert._forward_pre_hooks_with_kwargs
+    for layer in lora_layers(lora_bert).values():
+        assert not layer._forward_hooks and not layer._forward_pre_hooks
+        assert not layer.lora_B["default"]._forward_hooks
+
+
+def test_a_probe_that_fails_to_start_leaves_no_hook(lora_bert):
+    with pytest.raises(ValueError, match="no LoRA adapter named 'other'"):
+        with ImportanceProbe(lora_bert, adapter_name="other"):
+            pass
+    assert not lora_bert._forward_pre_hooks and not lora_bert._forward_pre_hooks_with_kwargs
 
 
 def test_all_zero_importance_is_an_error():

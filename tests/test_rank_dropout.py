@@ -170,3 +170,11 @@ def test_invalid_granularity_and_dora():
     dora = add_lora(tiny_llama(), LoraDropConfig(target_modules=["q_proj"], r=2, extra_lora_kwargs={"use_dora": True}))
     with pytest.raises(ValueError, match="DoRA"):
         add_rank_dropout(dora, 0.5)
+
+
+def test_a_refused_rank_dropout_keeps_the_mask_that_was_on():
+    model = add_rank_dropout(llama_with_lora(), 0.3)
+    with pytest.raises(ValueError, match="no LoRA adapter named 'other'"):
+        add_rank_dropout(model, 0.5, adapter_name="other")
+    assert rank_dropout_of(model).p == 0.3
+    assert all(len(l.lora_A["default"]._forward_hooks) == 1 for l in lora_layers(model).values())

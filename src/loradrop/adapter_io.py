@@ -37,10 +37,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .config import LoraDropConfig, RankDropoutConfig
-from .rank_dropout import add_rank_dropout, rank_dropout_of
+from .rank_dropout import add_rank_dropout, rank_dropout_of, remove_rank_dropout
 from .selection import Plan
 from .sharing import CONFIG_ATTR, PLAN_ATTR, apply_plan, shared_groups
-from .sites import find_sites
+from .sites import PEFT_PREFIX, find_sites
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "adapter_config.json"
@@ -62,8 +62,13 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
         if target.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
             os.replace(target, old / "adapter")
-            os.replace(tmp, target)
-            shutil.rmtree(old)
+            try:
+                os.replace(tmp, target)
+            except BaseException:
+                os.replace(old / "adapter", target)  # put the previous adapter back
+                raise
+            finally:
+                shutil.rmtree(old)
         else:
             os.replace(tmp, target)
     finally:
@@ -268,6 +273,8 @@ def load_adapter(base_model: nn.Module, path: str | os.PathLike) -> PeftModel:
     set_peft_model_state_dict(model, full, adapter_name=_adapter(model))
     if section.get("rank_dropout"):
         add_rank_dropout(model, RankDropoutConfig(**section["rank_dropout"]), adapter_name=_adapter(model))
+    else:  # the config may ask for rank dropout that the saved model had switched off
+        remove_rank_dropout(model)
     return model
 
 
@@ -290,8 +297,7 @@ def load_base_model(path: str | os.PathLike, base_model: str | os.PathLike | Non
 
 # -- standard PEFT format ------------------------------------------------------------------------
 def _site_regex(model: PeftModel) -> str:
-    prefix = "base_model.model."
-    names = [re.escape(s.name.removeprefix(prefix)) for s in find_sites(model)]
+    names = [re.escape(s.name.removeprefix(PEFT_PREFIX)) for s in find_sites(model)]
     return "^(?:" + "|".join(names) + ")$"
 
 

@@ -135,10 +135,10 @@ def train(
     options.pop("importance_from")
     from .training import run, summary_row
 
-    from accelerate import PartialState
+    from .training import _is_main
 
     results = run(_run_config(options.pop("out"), **options), importance_from=importance_from)
-    if PartialState().is_main_process:  # under torchrun / accelerate launch every rank gets here
+    if _is_main():  # under torchrun / accelerate launch every rank gets here
         _print_rows([summary_row(results)], f"{method} on {results['task']}")
 
 

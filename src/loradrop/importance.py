@@ -92,13 +92,13 @@ class ImportanceProbe:
             self._examples[site].append(per_example.double())
 
     def __enter__(self) -> ImportanceProbe:
-        root = self.model
-        self._handles.append(root.register_forward_pre_hook(self._capture_mask, with_kwargs=True))
+        for site in self.sites:  # check everything before registering anything
+            if self.adapter_name not in self._layers[site.name].lora_B:
+                raise ValueError(f"site {site.name!r} has no LoRA adapter named {self.adapter_name!r}")
+        self._handles.append(self.model.register_forward_pre_hook(self._capture_mask, with_kwargs=True))
         hooked_b: set[int] = set()
         for site in self.sites:
             layer = self._layers[site.name]
-            if self.adapter_name not in layer.lora_B:
-                raise ValueError(f"site {site.name!r} has no LoRA adapter named {self.adapter_name!r}")
             self._handles.append(layer.register_forward_pre_hook(self._enter_site(site)))
             self._handles.append(layer.register_forward_hook(self._leave_site))
             lora_b = layer.lora_B[self.adapter_name]
@@ -116,10 +116,10 @@ class ImportanceProbe:
     # -- results -----------------------------------------------------------------------------
     def raw_scores(self) -> dict[Site, float]:
         """g per site, summed over all processes when torch.distributed is initialised."""
-        device = next(iter(self._sums.values())).device if self._sums else torch.device("cpu")
+        device = next(self.model.parameters()).device  # also where a rank that saw no example sums
         zero = torch.zeros((), dtype=torch.float64, device=device)
         stacked = torch.stack([self._sums.get(s, zero).to(device) for s in self.sites])
-        if dist.is_available() and dist.is_initialized():
+        if _distributed():
             dist.all_reduce(stacked)
         sums = stacked.tolist()  # the one host sync of the probe
         return {s: v * self._scale(s) for s, v in zip(self.sites, sums)}

@@ -63,9 +63,8 @@ def add_rank_dropout(
     """Turns on DropLoRA's rank mask on every LoRA site of a PEFT model (plain, retained or shared
     LoRA); replaces an earlier rank mask. Returns the model."""
     cfg = p if isinstance(p, RankDropoutConfig) else RankDropoutConfig(p, granularity, rescale)
-    remove_rank_dropout(model)
-    handles, hooked = [], set()
-    for name, layer in lora_layers(model).items():
+    layers = lora_layers(model)
+    for name, layer in layers.items():  # check everything before changing anything
         if adapter_name not in layer.lora_A:
             raise ValueError(f"site {name!r} has no LoRA adapter named {adapter_name!r}")
         if layer.use_dora.get(adapter_name, False):
@@ -73,6 +72,9 @@ def add_rank_dropout(
                 f"rank dropout on DoRA site {name!r} is not supported (the DropLoRA authors skip the mask "
                 "with DoRA); use plain LoRA (use_dora=False) or rank_dropout=0"
             )
+    remove_rank_dropout(model)
+    handles, hooked = [], set()
+    for layer in layers.values():
         lora_a = layer.lora_A[adapter_name]
         if id(lora_a) not in hooked:
             hooked.add(id(lora_a))

@@ -19,14 +19,14 @@ from .config import LoraDropConfig
 from .importance import ImportanceResult
 from .rank_dropout import add_rank_dropout
 from .selection import Plan
-from .sites import Site, add_lora, find_sites, lora_layers, sites_by_type
+from .sites import Site, add_lora, find_sites, lora_layers, site_layers, sites_by_type
 
 PLAN_ATTR = "loradrop_plan"
 CONFIG_ATTR = "loradrop_config"
 
 
 def _check_plan_matches(plan: Plan, sites: list[Site]) -> None:
-    found = {t: sorted(s.layer for s in group) for t, group in sites_by_type(sites).items()}
+    found = site_layers(sites)
     if found != plan.layers:
         raise ValueError(
             f"the plan is for sites {plan.layers} but the model has LoRA sites {found}; "
@@ -37,10 +37,12 @@ def _check_plan_matches(plan: Plan, sites: list[Site]) -> None:
 def _reinit(model: PeftModel, cfg: LoraDropConfig) -> None:
     """Fresh PEFT initialisation (A Kaiming-uniform, B zero) of every LoRA and fresh copies of the
     trained heads, drawn from ``cfg.seed`` without touching the global random state."""
-    with torch.random.fork_rng(devices=[]):
+    device = next(model.parameters()).device
+    init = cfg.extra_lora_kwargs.get("init_lora_weights", True)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(cfg.seed)
         for layer in lora_layers(model).values():
-            layer.reset_lora_parameters(cfg.adapter_name, True)
+            layer.reset_lora_parameters(cfg.adapter_name, init)
     for module in model.modules():
         if isinstance(module, ModulesToSaveWrapper) and cfg.adapter_name in module.modules_to_save:
             module.modules_to_save[cfg.adapter_name].load_state_dict(module.original_module.state_dict())

@@ -17,7 +17,7 @@ from peft.utils.error import NoMatchingPeftModuleError
 
 from .config import LoraDropConfig
 
-_PEFT_PREFIX = "base_model.model."
+PEFT_PREFIX = "base_model.model."
 
 # model class name suffix -> PEFT task type; the task type makes PEFT train the task head too.
 _TASK_TYPES = {
@@ -39,7 +39,7 @@ class Site:
 
 
 def _split_on_layer_index(name: str) -> tuple[list[str], int, list[str]]:
-    parts = name.removeprefix(_PEFT_PREFIX).split(".")
+    parts = name.removeprefix(PEFT_PREFIX).split(".")
     for i, part in enumerate(parts):
         if part.isdigit():
             return parts[:i], int(part), parts[i + 1 :]
@@ -86,6 +86,11 @@ def sites_by_type(sites: list[Site]) -> dict[str, list[Site]]:
     for site in sites:
         grouped.setdefault(site.module_type, []).append(site)
     return grouped
+
+
+def site_layers(sites: list[Site]) -> dict[str, list[int]]:
+    """Per module type, the layers that have a site (a plan's ``layers``)."""
+    return {t: sorted(s.layer for s in group) for t, group in sites_by_type(sites).items()}
 
 
 def infer_task_type(model: nn.Module) -> str | None:

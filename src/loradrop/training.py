@@ -10,6 +10,7 @@ improves), ``best.json``, the report figures and finally ``results.json``. A run
 from __future__ import annotations
 
 import json
+import math
 import platform
 import time
 from dataclasses import asdict, dataclass, field
@@ -34,7 +35,7 @@ from .models import load_classifier, tokenize_task
 from .report import atomic_write_bytes, importance_heatmap, output_norm_histograms, results_table, write_json
 from .selection import Plan, select
 from .sharing import apply_plan, lora_parameter_count
-from .sites import add_lora, find_sites, sites_by_type
+from .sites import add_lora, find_sites, site_layers
 from .tasks.metrics import compute_metrics, majority_baseline
 from .tasks.registry import Task, get_task, load_task
 from .tasks.user_data import load_user_task
@@ -197,7 +198,7 @@ def _plan(model: PeftModel, train: Any, tokenizer: Any, cfg: RunConfig, ld_cfg: 
     """The run's plan: every site for plain LoRA; else from this run's earlier probe (resume), from
     another run's probe (the same importance serves every strategy), or from a new probe."""
     if METHODS[cfg.method][0] is None:
-        layers = {t: [s.layer for s in group] for t, group in sites_by_type(find_sites(model)).items()}
+        layers = site_layers(find_sites(model))
         return Plan(layers=layers, retained=layers, threshold=1.0), 0.0
     record = out / "importance.json"
     source = record if record.exists() else importance_from / "importance.json" if importance_from else None
@@ -205,14 +206,21 @@ def _plan(model: PeftModel, train: Any, tokenizer: Any, cfg: RunConfig, ld_cfg: 
         if source != record and _is_main():
             write_json(json.loads(source.read_text()), record)
         return select(_importance_from(source), ld_cfg), 0.0
+    probed = _probe_and_record(model, train, tokenizer, cfg, ld_cfg, out)
+    return Plan(**probed["plan"]), probed["seconds"]
+
+
+def _probe_and_record(model: Any, train: Any, tokenizer: Any, cfg: RunConfig, ld_cfg: LoraDropConfig,
+                      out: Path) -> dict[str, Any]:
+    """Runs the probe; the main process writes importance.json and the probe's figures."""
     start = time.perf_counter()
     result = evaluate_importance(model, train, ld_cfg, tokenizer=tokenizer, show_progress=cfg.show_progress,
                                  record_examples=True)
-    seconds = time.perf_counter() - start
+    record = _importance_record(result, time.perf_counter() - start)
     if _is_main():
-        write_json(_importance_record(result, seconds), record)
+        write_json(record, out / "importance.json")
         _write_probe_report(out, result)
-    return result.plan, seconds
+    return record
 
 
 def _refuse_fsdp_with_sharing(plan: Plan, cfg: RunConfig) -> None:
@@ -237,7 +245,7 @@ class _KeepBest(TrainerCallback):
     def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict[str, float] | None = None,
                     model: Any = None, **kwargs: Any) -> None:
         score = (metrics or {}).get("eval_metric")
-        if score is None or (self.best is not None and score <= self.best["metric"]):
+        if score is None or math.isnan(score) or (self.best is not None and score <= self.best["metric"]):
             return
         self.best = {"metric": score, "step": state.global_step,
                      "scores": {k.removeprefix("eval_"): v for k, v in metrics.items()}}
@@ -249,7 +257,7 @@ class _KeepBest(TrainerCallback):
 def _training_args(cfg: RunConfig, out: Path, steps_per_epoch: int) -> TrainingArguments:
     eval_steps = cfg.eval_steps or steps_per_epoch
     bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    return TrainingArguments(
+    defaults: dict[str, Any] = dict(
         output_dir=str(out / "checkpoints"),
         per_device_train_batch_size=cfg.batch_size,
         per_device_eval_batch_size=cfg.batch_size * 2,
@@ -265,8 +273,8 @@ def _training_args(cfg: RunConfig, out: Path, steps_per_epoch: int) -> TrainingA
         logging_steps=max(1, min(50, eval_steps)),
         report_to=[],
         seed=cfg.seed,
-        data_seed=cfg.seed,
-        use_cpu=not torch.cuda.is_available(),  # the same shuffle on every rank, whatever the per-rank seeds of the masks
+        data_seed=cfg.seed,  # the same shuffle on every rank, whatever the per-rank seeds of the masks
+        use_cpu=not torch.cuda.is_available(),  # see _state
         bf16=bf16,
         disable_tqdm=not cfg.show_progress,
         dataloader_num_workers=0,
@@ -274,8 +282,8 @@ def _training_args(cfg: RunConfig, out: Path, steps_per_epoch: int) -> TrainingA
         # A classifier's loss is a mean over the batch, but a PEFT model's forward takes **kwargs, so the
         # Trainer would treat it as a token-sum loss and multiply it by the number of processes.
         average_tokens_across_devices=False,
-        **cfg.extra,
     )
+    return TrainingArguments(**{**defaults, **cfg.extra})  # cfg.extra overrides any of the above
 
 
 def _versions() -> dict[str, str]:
@@ -355,14 +363,7 @@ def probe(cfg: RunConfig) -> dict[str, Any]:
     out = Path(cfg.output_dir)
     set_seed(cfg.seed)
     _, _, model, tokenizer, tokenized, ld_cfg = _prepare(cfg)
-    start = time.perf_counter()
-    result = evaluate_importance(model, tokenized["train"], ld_cfg, tokenizer=tokenizer,
-                                 show_progress=cfg.show_progress, record_examples=True)
-    record = _importance_record(result, time.perf_counter() - start)
-    if _is_main():
-        write_json(record, out / "importance.json")
-        _write_probe_report(out, result)
-    return record
+    return _probe_and_record(model, tokenized["train"], tokenizer, cfg, ld_cfg, out)
 
 
 # -- the demo ------------------------------------------------------------------------------------
