@@ -32,6 +32,13 @@ LabelColumn = Annotated[str, typer.Option(help="column of the label in --data")]
 Model = Annotated[str, typer.Option(help="'minilm' (bundled) or a transformers model folder / hub id")]
 Targets = Annotated[Optional[str], typer.Option(help="comma-separated LoRA target modules (default by model type)")]
 Seed = Annotated[int, typer.Option(help="random seed")]
+Rank = Annotated[int, typer.Option(help="LoRA rank")]
+Threshold = Annotated[float, typer.Option(help="LoRA-drop's cumulative importance T")]
+SampleRatio = Annotated[float, typer.Option(help="probe sample ratio alpha")]
+ProbeMaxSteps = Annotated[Optional[int], typer.Option(help="cap on probe steps")]
+ProbeBatchSize = Annotated[int, typer.Option(help="probe batch size per process")]
+MaxLength = Annotated[int, typer.Option(help="tokens per example")]
+MaxTrainExamples = Annotated[Optional[int], typer.Option(help="use at most this many training examples")]
 
 
 def _fail_cleanly(command: Callable) -> Callable:
@@ -114,18 +121,18 @@ def train(
     label_column: LabelColumn = "label",
     model: Model = "minilm",
     target_modules: Targets = None,
-    r: Annotated[int, typer.Option(help="LoRA rank")] = 8,
-    threshold: Annotated[float, typer.Option(help="LoRA-drop's cumulative importance T")] = 0.9,
-    sample_ratio: Annotated[float, typer.Option(help="probe sample ratio alpha")] = 0.1,
-    probe_max_steps: Annotated[Optional[int], typer.Option(help="cap on probe steps")] = None,
-    probe_batch_size: Annotated[int, typer.Option(help="probe batch size per process")] = 16,
+    r: Rank = 8,
+    threshold: Threshold = 0.9,
+    sample_ratio: SampleRatio = 0.1,
+    probe_max_steps: ProbeMaxSteps = None,
+    probe_batch_size: ProbeBatchSize = 16,
     rank_dropout: Annotated[float, typer.Option(help="DropLoRA's p for the droplora methods")] = 0.5,
     epochs: Annotated[float, typer.Option(help="training epochs")] = 3.0,
     max_steps: Annotated[Optional[int], typer.Option(help="stop after this many steps")] = None,
     batch_size: Annotated[int, typer.Option(help="batch size")] = 32,
     learning_rate: Annotated[float, typer.Option(help="learning rate")] = 1e-3,
-    max_length: Annotated[int, typer.Option(help="tokens per example")] = 128,
-    max_train_examples: Annotated[Optional[int], typer.Option(help="use at most this many training examples")] = None,
+    max_length: MaxLength = 128,
+    max_train_examples: MaxTrainExamples = None,
     eval_steps: Annotated[Optional[int], typer.Option(help="evaluate every N steps (default: each epoch)")] = None,
     importance_from: Annotated[Optional[Path], typer.Option(help="reuse the probe of another run directory")] = None,
     seed: Seed = 0,
@@ -153,12 +160,13 @@ def importance(
     label_column: LabelColumn = "label",
     model: Model = "minilm",
     target_modules: Targets = None,
-    r: Annotated[int, typer.Option(help="LoRA rank")] = 8,
-    threshold: Annotated[float, typer.Option(help="LoRA-drop's cumulative importance T")] = 0.9,
-    sample_ratio: Annotated[float, typer.Option(help="probe sample ratio alpha")] = 0.1,
-    probe_max_steps: Annotated[Optional[int], typer.Option(help="cap on probe steps")] = None,
-    max_length: Annotated[int, typer.Option(help="tokens per example")] = 128,
-    max_train_examples: Annotated[Optional[int], typer.Option(help="use at most this many training examples")] = None,
+    r: Rank = 8,
+    threshold: Threshold = 0.9,
+    sample_ratio: SampleRatio = 0.1,
+    probe_max_steps: ProbeMaxSteps = None,
+    probe_batch_size: ProbeBatchSize = 16,
+    max_length: MaxLength = 128,
+    max_train_examples: MaxTrainExamples = None,
     seed: Seed = 0,
 ) -> None:
     """Run LoRA-drop's probe only: importance per layer and module type, the plan, a heatmap."""
