@@ -116,7 +116,7 @@ class ImportanceProbe:
     # -- results -----------------------------------------------------------------------------
     def raw_scores(self) -> dict[Site, float]:
         """g per site, summed over all processes when torch.distributed is initialised."""
-        device = next(self.model.parameters()).device  # also where a rank that saw no example sums
+        device = _device_of(self.model)  # also where a rank that saw no example sums
         zero = torch.zeros((), dtype=torch.float64, device=device)
         stacked = torch.stack([self._sums.get(s, zero).to(device) for s in self.sites])
         if _distributed():

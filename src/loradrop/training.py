@@ -307,8 +307,8 @@ def run(cfg: RunConfig, importance_from: Path | None = None) -> dict[str, Any]:
     start = time.perf_counter()
     peft_model = add_lora(model, ld_cfg)  # the probe trains this LoRA; apply_plan re-initialises it
     plan, probe_seconds = _plan(peft_model, tokenized["train"], tokenizer, cfg, ld_cfg, out, importance_from)
-    peft_model = apply_plan(peft_model, plan, ld_cfg)
     _refuse_fsdp_with_sharing(plan, cfg)
+    peft_model = apply_plan(peft_model, plan, ld_cfg)
 
     steps_per_epoch = -(-len(tokenized["train"]) // (cfg.batch_size * _state().num_processes))
     trainer = Trainer(
@@ -408,11 +408,6 @@ def _write_demo_report(report: Path, rows: list[dict[str, Any]], probe_dir: Path
     table = results_table([summary_row(r) for r in rows])
     atomic_write_bytes(report / "results.md", (table + "\n").encode())
     write_json(rows, report / "results.json")
-    if probe_dir is not None:
-        record = json.loads((probe_dir / "importance.json").read_text())
-        plan = Plan(**record["plan"])
-        importance_heatmap(_importance_from(probe_dir / "importance.json"), report / "importance_heatmap.png",
-                           plan=plan, title="LoRA importance I / max I (boxes: retained)")
-        norms = probe_dir / "output_norms.png"
-        if norms.exists():
-            atomic_write_bytes(report / "output_norms.png", norms.read_bytes())
+    for figure in ("importance_heatmap.png", "output_norms.png"):  # the probe run drew them already
+        if probe_dir is not None and (probe_dir / figure).exists():
+            atomic_write_bytes(report / figure, (probe_dir / figure).read_bytes())
