@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import gc
 import json
 import platform
@@ -19,6 +20,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import peft
@@ -29,7 +31,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import loradrop  # noqa: E402
-from loradrop import LoraDropConfig, Plan, apply_plan, find_sites  # noqa: E402
+from loradrop import (  # noqa: E402
+    LoraDropConfig, Plan, apply_plan, disable_fast_path, enable_fast_path, find_sites,
+)
+from loradrop import fast_path  # noqa: E402
 from loradrop.sites import site_layers  # noqa: E402
 
 SHAPES = {
@@ -95,43 +100,67 @@ def lora_config(r: int) -> LoraConfig:
     return LoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS, task_type="CAUSAL_LM")
 
 
-def run_variant(base, name, batch, r, warmup, steps, results):
-    """Builds one variant on ``base``, times it, then removes every trace of it from ``base``."""
-    ld_cfg = LoraDropConfig(target_modules=TARGETS, r=r, lora_alpha=2 * r, seed=0)
-    probe = contextlib.nullcontext()
-    autocast = True
-    if name == "floor":
+@dataclass(frozen=True)
+class Variant:
+    """One row of the table: what trains, in which precision, on which forward."""
+
+    name: str
+    kind: str = "loradrop"  # floor | peft | loradrop
+    adapters: str = "fp32"  # fp32 masters under bf16 autocast (the Trainer setting) | bf16 without autocast
+    plan: str = "full"  # full: every site its own LoRA | half: LoRA-drop, every other layer retained
+    rank_dropout: float = 0.0
+    lora_dropout: float = 0.0
+    fast: bool = False
+    probe: bool = False
+
+
+VARIANTS = [
+    Variant("floor", kind="floor"),
+    Variant("peft-fp32-adapters+autocast", kind="peft"),
+    Variant("peft-bf16-adapters", kind="peft", adapters="bf16"),
+    Variant("peft-fp32+autocast+lora_dropout0.05", kind="peft", lora_dropout=0.05),
+    Variant("loradrop-lora-drop+rank-dropout0.5 (PEFT forward)", plan="half", rank_dropout=0.5),
+    Variant("fast lora fp32+autocast", fast=True),
+    Variant("fast lora bf16", adapters="bf16", fast=True),
+    Variant("fast lora-drop fp32+autocast", plan="half", fast=True),
+    Variant("fast lora-drop+rank-dropout0.5 fp32+autocast", plan="half", rank_dropout=0.5, fast=True),
+    Variant("fast lora-drop+rank-dropout0.5 bf16", adapters="bf16", plan="half", rank_dropout=0.5, fast=True),
+    Variant("fast lora fp32+autocast+probe-hooks", fast=True, probe=True),
+]
+
+
+def build(base, v: Variant, r: int):
+    """The model of variant ``v`` on ``base``."""
+    if v.kind == "floor":
         base.enable_input_require_grads()
-        model, optimizer = base, None
-        autocast = False
-    elif name == "peft-bf16-adapters":
-        model = get_peft_model(base, lora_config(r), autocast_adapter_dtype=False)
-        autocast = False
-    elif name == "peft-fp32-adapters+autocast":
-        model = get_peft_model(base, lora_config(r))
-    elif name == "peft-fp32+autocast+lora_dropout0.05":
-        cfg = lora_config(r)
-        cfg.lora_dropout = 0.05
-        model = get_peft_model(base, cfg)
-    else:  # loradrop variants: fp32 adapters + autocast, the Trainer setting
-        model = get_peft_model(base, lora_config(r))
-        plan = half_plan(model) if name.startswith("loradrop-lora-drop") else full_plan(model)
-        if name.endswith("rank-dropout0.5"):
-            ld_cfg = LoraDropConfig(target_modules=TARGETS, r=r, lora_alpha=2 * r, seed=0, rank_dropout=0.5)
-        model = apply_plan(model, plan, ld_cfg)
-        if name.endswith("probe-hooks"):
-            probe = loradrop.ImportanceProbe(model)
-    if name != "floor":
+        return base
+    cfg = lora_config(r)
+    cfg.lora_dropout = v.lora_dropout
+    model = get_peft_model(base, cfg, autocast_adapter_dtype=v.adapters == "fp32")
+    if v.kind == "peft":
+        return model
+    ld_cfg = LoraDropConfig(target_modules=TARGETS, r=r, lora_alpha=2 * r, seed=0, rank_dropout=v.rank_dropout,
+                            fast_path=v.fast)
+    return apply_plan(model, half_plan(model) if v.plan == "half" else full_plan(model), ld_cfg)
+
+
+def run_variant(base, v: Variant, batch, r, warmup, steps, results):
+    """Builds one variant on ``base``, times it, then removes every trace of it from ``base``."""
+    model = build(base, v, r)
+    optimizer = None
+    if v.kind != "floor":
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     model.train()
+    autocast = v.kind != "floor" and v.adapters == "fp32"
+    probe = loradrop.ImportanceProbe(model) if v.probe else contextlib.nullcontext()
     with probe:  # the probe's hooks stay on for all timed steps, as during a probe run
         ms, gib = time_steps(make_step(model, batch, autocast, optimizer), warmup, steps)
     tokens = batch["input_ids"].numel()
     lora = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and "lora_" in n)
-    results.append({"variant": name, "ms": ms, "peak_gib": gib, "tokens_per_s": tokens / ms * 1e3,
+    results.append({"variant": v.name, **asdict(v), "ms": ms, "peak_gib": gib, "tokens_per_s": tokens / ms * 1e3,
                     "lora_parameters": lora})
-    print(f"  {name:<40} {ms:8.1f} ms {gib:7.2f} GiB {tokens / ms * 1e3:10.0f} tok/s  lora {lora:,}", flush=True)
-    if name == "floor":
+    print(f"  {v.name:<48} {ms:8.1f} ms {gib:7.2f} GiB {tokens / ms * 1e3:10.0f} tok/s  lora {lora:,}", flush=True)
+    if v.kind == "floor":
         base.disable_input_require_grads()
     else:
         del optimizer
@@ -141,6 +170,48 @@ def run_variant(base, name, batch, r, warmup, steps, results):
     del model
     gc.collect()
     torch.cuda.empty_cache()
+
+
+def diagnose(layer, x) -> dict:
+    base, a, b = layer.base_layer, layer.lora_A["default"], layer.lora_B["default"]
+    return {"plain": [fast_path._plain_linear(m) for m in (base, a, b)], "global_hooks": fast_path._global_hooks(),
+            "hooks": [dict(m._forward_hooks) for m in (base, a, b)], "active": layer.active_adapters,
+            "merged": layer.merged, "disabled": layer.disable_adapters, "dtypes": [x.dtype, base.weight.dtype,
+            a.weight.dtype, b.weight.dtype], "forward": layer.__dict__.get("forward")}
+
+
+def check_numbers(shape: str, tokens: int, r: int) -> list[dict]:
+    """The fast path against PEFT's forward on the GPU, per projection shape of ``shape`` and per
+    precision: norm-wise relative error of the output and of every gradient, on fresh random inputs."""
+    hidden, inter = SHAPES[shape]["hidden_size"], SHAPES[shape]["intermediate_size"]
+    rows = []
+    for d_in, d_out in ((hidden, hidden), (hidden, inter), (inter, hidden)):
+        for adapters in ("fp32", "bf16"):
+            torch.manual_seed(d_in + d_out)
+            net = torch.nn.Sequential(torch.nn.Linear(d_in, d_out, bias=False)).to("cuda", torch.bfloat16)
+            model = get_peft_model(net, LoraConfig(r=r, lora_alpha=2 * r, target_modules=["0"]),
+                                   autocast_adapter_dtype=adapters == "fp32")
+            layer = model.base_model.model[0]
+            torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.02)
+            x = torch.randn(tokens, d_in, device="cuda", dtype=torch.bfloat16)
+            dy = torch.randn(tokens, d_out, device="cuda", dtype=torch.bfloat16)
+            outs = []
+            for fast in (False, True):
+                (enable_fast_path if fast else disable_fast_path)(model)
+                xi = x.clone().requires_grad_()
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=adapters == "fp32"):
+                    if fast and fast_path._fast_call(layer, x) is None:
+                        raise RuntimeError(f"the fast path does not apply to the checked layer: {diagnose(layer, x)}")
+                    y = layer(xi)
+                y.backward(dy)
+                outs.append({"out": y.detach(), "x": xi.grad} |
+                            {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None})
+                layer.zero_grad(set_to_none=True)
+            errors = {k: ((outs[1][k].double() - outs[0][k].double()).norm() / outs[0][k].double().norm()).item()
+                      for k in outs[0]}
+            rows.append({"d_in": d_in, "d_out": d_out, "adapters": adapters, "rel_err": errors})
+            print(f"  check {d_in}->{d_out} {adapters}: max rel err {max(errors.values()):.2e}", flush=True)
+    return rows
 
 
 def adapter_bytes(base, r: int) -> dict:
@@ -157,8 +228,42 @@ def adapter_bytes(base, r: int) -> dict:
     return {"peft_bytes": peft_bytes, "compact_bytes": compact, "ratio": compact / peft_bytes}
 
 
-VARIANTS = ["floor", "peft-fp32-adapters+autocast", "peft-bf16-adapters", "peft-fp32+autocast+lora_dropout0.05",
-            "loradrop-lora", "loradrop-lora-drop", "loradrop-lora-drop+rank-dropout0.5", "loradrop-lora+probe-hooks"]
+
+def run_paired(base, variants: list[Variant], batch, r: int, steps: int, rounds: int) -> list[dict]:
+    """For host-bound shapes, where a machine's drift is as large as the differences: every variant
+    on its own copy of the base, all built first, then timed in alternating rounds (``steps`` steps
+    each); a variant's time is its median over rounds. No memory figures (all models are resident)."""
+    timed = []
+    for v in variants:
+        model = build(copy.deepcopy(base), v, r)
+        optimizer = None if v.kind == "floor" else torch.optim.AdamW(
+            [p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        model.train()
+        timed.append((v, make_step(model, batch, v.kind != "floor" and v.adapters == "fp32", optimizer)))
+    each: dict[str, list[float]] = {v.name: [] for v in variants}
+    for _ in range(rounds):
+        for v, step in timed:
+            each[v.name].append(time_steps(step, 1, steps)[0])
+    floor = statistics.median(each[variants[0].name])
+    rows = [{"variant": v.name, "ms": statistics.median(each[v.name]), "ms_each": each[v.name]} for v, _ in timed]
+    for row in rows:
+        row["x_floor"] = row["ms"] / floor
+        print(f"  paired {row['variant']:<48} {row['ms']:8.1f} ms {row['x_floor']:6.3f} x floor", flush=True)
+    return rows
+
+
+def summarise(runs: list[dict]) -> list[dict]:
+    """One row per variant: the median over repeats of its ms and peak memory, and its ratio to the floor's."""
+    rows = []
+    for name in dict.fromkeys(run["variant"] for run in runs):
+        mine = [run for run in runs if run["variant"] == name]
+        ms = statistics.median(run["ms"] for run in mine)
+        rows.append({**mine[0], "ms": ms, "ms_each": [run["ms"] for run in mine], "tokens_per_s": mine[0]["tokens_per_s"]
+                     * mine[0]["ms"] / ms, "peak_gib": max(run["peak_gib"] for run in mine)})
+    for row in rows:
+        row.pop("repeat", None)
+        row["x_floor"] = row["ms"] / rows[0]["ms"]
+    return rows
 
 
 def main() -> None:
@@ -169,6 +274,10 @@ def main() -> None:
     parser.add_argument("--r", type=int, default=64)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--repeat", type=int, default=1, help="passes over all variants; rows are their medians")
+    parser.add_argument("--paired", type=int, metavar="ROUNDS",
+                        help="time all variants resident, in this many alternating rounds (host-bound shapes)")
+    parser.add_argument("--only", nargs="+", help="run only the variants whose names contain one of these words")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     report = {"date": time.strftime("%Y-%m-%d"), "gpu": torch.cuda.get_device_name(),
@@ -182,22 +291,35 @@ def main() -> None:
         torch.manual_seed(0)
         ids = torch.randint(0, 32000, (args.batch, args.seq), device="cuda")
         batch = {"input_ids": ids, "labels": ids}
-        results: list[dict] = []
-        for name in VARIANTS:
-            run_variant(base, name, batch, args.r, args.warmup, args.steps, results)
-        floor = results[0]["ms"]
-        for row in results:
-            row["x_floor"] = row["ms"] / floor
-        report["shapes"][shape] = {"config": SHAPES[shape], "variants": results, "adapter": adapter_bytes(base, args.r)}
+        selected = [v for v in VARIANTS if args.only is None or v.kind == "floor" or any(w in v.name for w in args.only)]
+        if args.paired:
+            selected = [v for v in selected if not v.probe]  # the probe's hooks are timed sequentially only
+            report["shapes"][shape] = {"config": SHAPES[shape], "paired_rounds": args.paired,
+                                       "paired": run_paired(base, selected, batch, args.r, args.steps, args.paired)}
+            del base
+            gc.collect()
+            torch.cuda.empty_cache()
+            args.out.write_text(json.dumps(report, indent=2))
+            continue
+        runs: list[dict] = []
+        for repeat in range(args.repeat):  # whole passes over the variants, so drift hits all alike
+            for v in selected:
+                run_variant(base, v, batch, args.r, args.warmup, args.steps, runs)
+                runs[-1]["repeat"] = repeat
+        report["shapes"][shape] = {"config": SHAPES[shape], "runs": runs, "variants": summarise(runs),
+                                   "adapter": adapter_bytes(base, args.r),
+                                   "fast_path_check": check_numbers(shape, args.batch * args.seq, args.r)}
         del base
         gc.collect()
         torch.cuda.empty_cache()
         args.out.write_text(json.dumps(report, indent=2))
     print()
     for shape, data in report["shapes"].items():
-        print(f"{shape}: {'variant':<40} {'ms':>8} {'x floor':>8} {'GiB':>7} {'tok/s':>9}")
+        if "variants" not in data:
+            continue
+        print(f"{shape}: {'variant':<48} {'ms':>8} {'x floor':>8} {'GiB':>7} {'tok/s':>9}")
         for row in data["variants"]:
-            print(f"    {row['variant']:<40} {row['ms']:8.1f} {row['x_floor']:8.3f} {row['peak_gib']:7.2f} {row['tokens_per_s']:9.0f}")
+            print(f"    {row['variant']:<48} {row['ms']:8.1f} {row['x_floor']:8.3f} {row['peak_gib']:7.2f} {row['tokens_per_s']:9.0f}")
         a = data["adapter"]
         print(f"    adapter: compact {a['compact_bytes']:,} B / PEFT {a['peft_bytes']:,} B = {a['ratio']:.3f}")
 

@@ -27,6 +27,7 @@ BAD_FIELDS = [
     ("strategy", "best"),
     ("seed", -1),
     ("reinit", "yes"),
+    ("fast_path", "yes"),
     ("rank_dropout", 1.0),
     ("rank_dropout", -0.5),
     ("rank_dropout", math.nan),

@@ -4,10 +4,10 @@ import dataclasses
 import pytest
 import torch
 
-from conftest import padded_batch, randomize_lora, tiny_bert, tiny_llama
+from conftest import padded_batch, tiny_llama
 from loradrop import LoraDropConfig, Plan, apply_plan, find_sites, lora_parameter_count, summary
 from loradrop.sharing import shared_groups
-from loradrop.sites import add_lora, lora_layers
+from loradrop.sites import lora_layers
 
 # 4 BERT layers; query keeps layer 1, value keeps layers 0 and 2
 PLAN = Plan(layers={"query": [0, 1, 2, 3], "value": [0, 1, 2, 3]}, retained={"query": [1], "value": [0, 2]},

@@ -17,13 +17,14 @@ from loradrop.training import RunConfig, _KeepBest, _training_args, run
     ("top-k", "top_k", 0.9, 0.0), ("no-share", "no_share", 0.9, 0.0)])
 def test_methods_map_to_loradrop_configs(tmp_path, method, strategy, threshold, rank_dropout):
     cfg = RunConfig(output_dir=str(tmp_path), method=method).loradrop_config(["query", "value"])
-    assert (cfg.strategy, cfg.threshold, cfg.rank_dropout) == (strategy, threshold, rank_dropout)
+    assert (cfg.strategy, cfg.threshold, cfg.rank_dropout, cfg.fast_path) == (strategy, threshold, rank_dropout, True)
+    assert not RunConfig(output_dir=str(tmp_path), method=method, fast_path=False).loradrop_config(["query"]).fast_path
 
 
 @pytest.mark.parametrize("field,value,message", [
     ("method", "lora-plus", "method='lora-plus' is invalid"), ("epochs", 0, "epochs=0"),
     ("max_steps", 0, "max_steps=0"), ("batch_size", 0, "batch_size=0"), ("threshold", 2.0, "threshold=2.0"),
-    ("rank_dropout", 1.0, "rank_dropout=1.0")])
+    ("rank_dropout", 1.0, "rank_dropout=1.0"), ("fast_path", "no", "fast_path='no'")])
 def test_run_config_validation(tmp_path, field, value, message):
     with pytest.raises(ValueError, match=message.replace("(", "\\(")):
         RunConfig(output_dir=str(tmp_path), **{field: value})

@@ -2,6 +2,7 @@
 
 from .adapter_io import describe_adapter, export_peft, load_adapter, save_adapter
 from .config import LoraDropConfig, RankDropoutConfig
+from .fast_path import disable_fast_path, enable_fast_path, fast_path_enabled
 from .importance import ImportanceProbe, ImportanceResult, evaluate_importance
 from .rank_dropout import add_rank_dropout, remove_rank_dropout
 from .selection import Plan, select
@@ -21,8 +22,11 @@ __all__ = [
     "add_rank_dropout",
     "apply_plan",
     "describe_adapter",
+    "disable_fast_path",
+    "enable_fast_path",
     "evaluate_importance",
     "export_peft",
+    "fast_path_enabled",
     "find_sites",
     "load_adapter",
     "lora_parameter_count",

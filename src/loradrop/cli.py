@@ -127,6 +127,7 @@ def train(
     probe_max_steps: ProbeMaxSteps = None,
     probe_batch_size: ProbeBatchSize = 16,
     rank_dropout: Annotated[float, typer.Option(help="DropLoRA's p for the droplora methods")] = 0.5,
+    fast_path: Annotated[bool, typer.Option(help="loradrop's fused LoRA forward (off: PEFT's own)")] = True,
     epochs: Annotated[float, typer.Option(help="training epochs")] = 3.0,
     max_steps: Annotated[Optional[int], typer.Option(help="stop after this many steps")] = None,
     batch_size: Annotated[int, typer.Option(help="batch size")] = 32,

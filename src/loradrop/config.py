@@ -87,6 +87,7 @@ class LoraDropConfig:
     rank_dropout: float = 0.0
     rank_dropout_granularity: str = "token"
     rank_dropout_rescale: bool = True
+    fast_path: bool = True
     task_type: str | None = None
     modules_to_save: list[str] | None = None
     label_column: str | None = None
@@ -115,8 +116,9 @@ class LoraDropConfig:
         if self.strategy not in STRATEGIES:
             _fail("strategy", self.strategy, f"must be one of {', '.join(STRATEGIES)}")
         _check_int("seed", self.seed, 0)
-        if not isinstance(self.reinit, bool):
-            _fail("reinit", self.reinit, "must be True or False")
+        for name in ("reinit", "fast_path"):
+            if not isinstance(getattr(self, name), bool):
+                _fail(name, getattr(self, name), "must be True or False")
         self.rank_dropout_config  # validates the three rank_dropout fields
 
     @property

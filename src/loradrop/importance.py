@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm.auto import tqdm
 
 from .config import LoraDropConfig
+from .fast_path import disable_fast_path, enable_fast_path, fast_path_enabled, observes_lora_input
 from .selection import Importance, Plan, select
 from .sites import Site, add_lora, find_sites, lora_layers, sites_by_type
 from .tasks.sampling import stratified_sample
@@ -70,6 +71,7 @@ class ImportanceProbe:
     def _leave_site(self, module: nn.Module, args: tuple, output: Any) -> None:
         self._current = None
 
+    @observes_lora_input  # the output is read only with a LoRA bias, where the fast path is off
     def _accumulate(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
         site = self._current
         if site is None:  # lora_B called outside a LoRA layer's forward (e.g. by merging code)
@@ -317,8 +319,10 @@ def evaluate_importance(
     ``model`` is a PEFT LoRA model (trained in place; ``apply_plan`` re-initialises it when
     ``cfg.reinit``) or a plain transformers model, which gets LoRA as ``cfg`` says for the probe and
     comes back unchanged (the probe's LoRA weights are kept in the result for ``reinit=False``).
-    Base weights are never updated. Batches come from ``collate_fn``, else from a padding collator
-    built on ``tokenizer``, else from transformers' default collator (examples of equal length).
+    Base weights are never updated. ``cfg.fast_path`` trains and measures with loradrop's fast LoRA
+    forward (the model's own setting is restored afterwards). Batches come from ``collate_fn``, else
+    from a padding collator built on ``tokenizer``, else from transformers' default collator
+    (examples of equal length).
 
     Under torch.distributed (torchrun, accelerate launch) every rank draws the same sample, the probe
     trains data-parallel with torch DDP (``probe_batch_size`` per process), each rank measures its
@@ -328,6 +332,9 @@ def evaluate_importance(
     wrapped = not isinstance(model, PeftModel)
     requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
     peft_model = add_lora(model, cfg) if wrapped else model
+    was_fast = fast_path_enabled(peft_model)
+    if cfg.fast_path:
+        enable_fast_path(peft_model)
     collate = collate_fn or _default_collate(tokenizer)
     try:
         show_progress = show_progress and _world()[1] == 0
@@ -340,6 +347,8 @@ def evaluate_importance(
     finally:
         if wrapped:
             _remove_lora(peft_model, requires_grad)
+        elif not was_fast:
+            disable_fast_path(peft_model)
     plan = select(importance, cfg)
     if _distributed():
         _check_same_on_every_rank(plan.to_json(), _device_of(peft_model))

@@ -8,14 +8,14 @@ Masks come from torch's default generator of the tensor's device: ``torch.manual
 transformers' ``set_seed``) makes them reproducible, and gradient checkpointing, which saves and
 restores that generator's state around a recomputed forward, replays the same masks. The draw
 happens on the device, so there is no host sync, and only the r-dimensional hidden is touched, so
-there is no copy of ``x``.
+there is no copy of ``x``. loradrop's fast path (``fast_path``) applies the same mask inside its
+fused LoRA function instead of calling the hook.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .config import RankDropoutConfig
 from .sites import lora_layers
@@ -34,23 +34,32 @@ def mask_shape(hidden: torch.Tensor, granularity: str) -> tuple[int, ...]:
     return (1,) * (hidden.dim() - 1) + (r,)
 
 
+def mask_hidden(hidden: torch.Tensor, cfg: RankDropoutConfig) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(masked, mask, scale): ``masked = hidden * mask * scale``, and the gradient of ``hidden`` is
+    ``grad * mask * scale``. Token masks with rescaling are one fused dropout kernel (a boolean mask);
+    the others are a drawn multiplicative mask (scale 1, rescaling folded in). The fast path masks
+    through here too, so both paths consume the random stream identically."""
+    if cfg.granularity == "token" and cfg.rescale:
+        masked, keep = torch.native_dropout(hidden, cfg.p, True)
+        return masked, keep, 1.0 / (1.0 - cfg.p)
+    mask = torch.empty(mask_shape(hidden, cfg.granularity), device=hidden.device, dtype=hidden.dtype)
+    mask.bernoulli_(1.0 - cfg.p)
+    if cfg.rescale:
+        mask.div_(1.0 - cfg.p)
+    return hidden * mask, mask, 1.0
+
+
 class _RankMask:
     """The forward hook on ``lora_A``: returns the masked hidden in training, nothing in eval."""
 
     def __init__(self, cfg: RankDropoutConfig):
         self.cfg = cfg
 
+    def on(self, module: nn.Module) -> bool:
+        return module.training and self.cfg.p > 0.0
+
     def __call__(self, module: nn.Module, args: tuple, hidden: torch.Tensor) -> torch.Tensor | None:
-        p = self.cfg.p
-        if not module.training or p == 0.0:
-            return None
-        if self.cfg.granularity == "token" and self.cfg.rescale:
-            return F.dropout(hidden, p, training=True)  # one fused kernel forward and backward
-        shape = mask_shape(hidden, self.cfg.granularity)
-        mask = torch.empty(shape, device=hidden.device, dtype=hidden.dtype).bernoulli_(1.0 - p)
-        if self.cfg.rescale:
-            mask.div_(1.0 - p)
-        return hidden * mask
+        return mask_hidden(hidden, self.cfg)[0] if self.on(module) else None
 
 
 def add_rank_dropout(

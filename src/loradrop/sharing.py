@@ -16,6 +16,7 @@ from peft import PeftModel
 from peft.utils import ModulesToSaveWrapper
 
 from .config import LoraDropConfig
+from .fast_path import enable_fast_path
 from .importance import ImportanceResult
 from .rank_dropout import add_rank_dropout
 from .selection import Plan
@@ -76,7 +77,8 @@ def apply_plan(model: nn.Module, plan: Plan | ImportanceResult, cfg: LoraDropCon
     ``model`` is the PEFT model the probe trained, or a plain transformers model that gets LoRA as
     ``cfg`` says. With ``cfg.reinit`` every LoRA starts afresh as PEFT initialises it; without it,
     retained sites keep the probe's weights and a shared LoRA starts from its lowest layer's.
-    ``cfg.rank_dropout > 0`` turns on DropLoRA's rank mask on every remaining site.
+    ``cfg.rank_dropout > 0`` turns on DropLoRA's rank mask on every remaining site, and
+    ``cfg.fast_path`` loradrop's fast LoRA forward (same numbers as PEFT's, less memory traffic).
     """
     result = plan if isinstance(plan, ImportanceResult) else None
     plan = result.plan if result is not None else plan
@@ -103,6 +105,8 @@ def apply_plan(model: nn.Module, plan: Plan | ImportanceResult, cfg: LoraDropCon
             _share(peft_model, others, cfg.adapter_name)
     if cfg.rank_dropout > 0:
         add_rank_dropout(peft_model, cfg.rank_dropout_config, adapter_name=cfg.adapter_name)
+    if cfg.fast_path:
+        enable_fast_path(peft_model)
     setattr(peft_model, PLAN_ATTR, plan)
     setattr(peft_model, CONFIG_ATTR, cfg)
     return peft_model

@@ -82,6 +82,7 @@ class RunConfig:
     probe_batch_size: int = 16
     rank_dropout: float = 0.5
     rank_dropout_granularity: str = "token"
+    fast_path: bool = True
     epochs: float = 3.0
     max_steps: int | None = None
     batch_size: int = 32
@@ -129,6 +130,7 @@ class RunConfig:
             seed=self.seed,
             rank_dropout=self.rank_dropout if rank_dropout else 0.0,
             rank_dropout_granularity=self.rank_dropout_granularity,
+            fast_path=self.fast_path,
         )
 
 
