@@ -9,8 +9,8 @@ activation, and every op is an autograd node the host has to schedule. The fast 
 function per site that:
 
 * casts the adapter weights (r x d, tiny) to the compute dtype and never copies ``x``;
-* applies DropLoRA's rank mask and the scaling to the r-wide hidden ``h = A x``, and adds ``h B^T``
-  into the base output in place with one GEMM;
+* applies DropLoRA's rank mask to the r-wide hidden ``h = A x`` and adds ``scaling * h B^T`` into
+  the base output in place with one GEMM (the scaling is its alpha);
 * in the backward writes the input gradient once (``dy W``, then ``dh A`` added in place) and saves
   nothing d-wide but ``x``; the adapter gradients come back in the adapters' own dtype, so float32
   master weights accumulate float32 gradients (also across the sites of a shared LoRA).
@@ -54,15 +54,20 @@ def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
-def _unmask(grad: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
-    """The gradient through ``rank_dropout.mask_hidden``: grad * mask * scale."""
+def _unmask(grad: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """``grad * mask * scale``, in one kernel where it can: the gradient through
+    ``rank_dropout.mask_hidden`` times the LoRA scaling. ``grad`` is a fresh tensor."""
+    if mask is None:
+        return grad if scale == 1.0 else grad.mul_(scale)
     if mask.dtype == torch.bool:
         return torch.ops.aten.native_dropout_backward(grad, mask, scale)
-    return grad * mask if scale == 1.0 else grad * mask * scale
+    masked = grad * mask
+    return masked if scale == 1.0 else masked.mul_(scale)
 
 
 class _LoraLinearFunction(torch.autograd.Function):
-    """``x W^T + b + scaling * (mask * (x A^T)) B^T`` for 2-D ``x``, computed in ``dtype``.
+    """``x W^T + b + scaling * (mask * (x A^T)) B^T`` for 2-D ``x``, computed in ``dtype``; the
+    scaling is the alpha of the GEMM that adds the LoRA.
 
     ``spec`` is (scaling, dtype, leading shape of x, rank-mask config or None, observers)."""
 
@@ -81,28 +86,26 @@ class _LoraLinearFunction(torch.autograd.Function):
             for observe in observers:
                 observe(h)
             h = h.reshape(-1, h.shape[-1])
-        h_scaled = h * scaling if scaling != 1.0 else h
-        y.addmm_(h_scaled, b.t())
-        ctx.save_for_backward(x, w, a, b, h_scaled, mask)
+        y.addmm_(h, b.t(), alpha=scaling)
+        ctx.save_for_backward(x, w, a, b, h, mask)
         ctx.spec = spec
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype, lora_a.dtype, lora_b.dtype)
         return y
 
     @staticmethod
     def backward(ctx: Any, dy: torch.Tensor) -> tuple:
-        x, w, a, b, h_scaled, mask = ctx.saved_tensors
+        x, w, a, b, h, mask = ctx.saved_tensors
         scaling, _, lead, _, _ = ctx.spec
         need_x, need_w, need_bias, need_a, need_b, _ = ctx.needs_input_grad
         weight_dtype, bias_dtype, a_dtype, b_dtype = ctx.dtypes
         dx = dw = dbias = da = db = None
         if need_b:
-            db = _cast(dy.t() @ h_scaled, b_dtype)
+            db = _cast(_unmask(dy.t() @ h, None, scaling), b_dtype)
         if need_x or need_a:
             dh = dy @ b
-            if scaling != 1.0:
-                dh = dh * scaling
             if mask is not None:
-                dh = _unmask(dh.view(*lead, -1), mask, ctx.mask_scale).reshape(dh.shape)
+                dh = dh.view(*lead, -1)
+            dh = _unmask(dh, mask, scaling * ctx.mask_scale).reshape(-1, dh.shape[-1])
             if need_a:
                 da = _cast(dh.t() @ x, a_dtype)
             if need_x:
