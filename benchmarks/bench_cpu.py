@@ -24,9 +24,10 @@ from transformers import BertConfig, BertForSequenceClassification, LlamaConfig,
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import loradrop  # noqa: E402
-from loradrop import LoraDropConfig, Plan, apply_plan, disable_fast_path, enable_fast_path, find_sites  # noqa: E402
+from bench_step import half_plan  # noqa: E402 (every other layer retained, as LoRA-drop at T = 0.9)
+from loradrop import LoraDropConfig, apply_plan, disable_fast_path, enable_fast_path  # noqa: E402
 from loradrop.models import load_classifier  # noqa: E402
-from loradrop.sites import site_layers  # noqa: E402
+from loradrop.sites import add_lora  # noqa: E402
 
 
 def minilm():
@@ -52,9 +53,8 @@ def build(name: str, rank_dropout: float):
     base, targets = MODELS[name]()
     base.requires_grad_(False)
     cfg = LoraDropConfig(target_modules=targets, r=8, lora_alpha=16, rank_dropout=rank_dropout)
-    layers = site_layers(find_sites(loradrop.sites.add_lora(base, cfg)))
-    plan = Plan(layers=layers, retained={t: ls[::2] for t, ls in layers.items()}, threshold=0.9)
-    model = apply_plan(base, plan, cfg)
+    peft_model = add_lora(base, cfg)
+    model = apply_plan(peft_model, half_plan(peft_model), cfg)
     model.train()
     return model
 

@@ -129,8 +129,31 @@ VARIANTS = [
 ]
 
 
-def build(base, v: Variant, r: int):
-    """The model of variant ``v`` on ``base``."""
+def build(base, v: Variant, r: int, batch: dict):
+    """The model of variant ``v`` on ``base``, in training mode, and one training step of it
+    (forward, backward, AdamW on the trainable parameters; the floor has no optimizer)."""
+    model = _model(base, v, r)
+    optimizer = None
+    if v.kind != "floor":
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    model.train()
+    return model, make_step(model, batch, v.kind != "floor" and v.adapters == "fp32", optimizer)
+
+
+def teardown(base, v: Variant, model) -> None:
+    """Removes every trace of variant ``v`` from ``base`` (drop the variant's step first, which holds
+    its optimizer)."""
+    if v.kind == "floor":
+        base.disable_input_require_grads()
+    else:
+        loradrop.remove_rank_dropout(model)
+        model.unload()
+    base.zero_grad(set_to_none=True)
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def _model(base, v: Variant, r: int):
     if v.kind == "floor":
         base.enable_input_require_grads()
         return base
@@ -146,30 +169,17 @@ def build(base, v: Variant, r: int):
 
 def run_variant(base, v: Variant, batch, r, warmup, steps, results):
     """Builds one variant on ``base``, times it, then removes every trace of it from ``base``."""
-    model = build(base, v, r)
-    optimizer = None
-    if v.kind != "floor":
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    model.train()
-    autocast = v.kind != "floor" and v.adapters == "fp32"
+    model, step = build(base, v, r, batch)
     probe = loradrop.ImportanceProbe(model) if v.probe else contextlib.nullcontext()
     with probe:  # the probe's hooks stay on for all timed steps, as during a probe run
-        ms, gib = time_steps(make_step(model, batch, autocast, optimizer), warmup, steps)
+        ms, gib = time_steps(step, warmup, steps)
     tokens = batch["input_ids"].numel()
     lora = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and "lora_" in n)
     results.append({"variant": v.name, **asdict(v), "ms": ms, "peak_gib": gib, "tokens_per_s": tokens / ms * 1e3,
                     "lora_parameters": lora})
     print(f"  {v.name:<48} {ms:8.1f} ms {gib:7.2f} GiB {tokens / ms * 1e3:10.0f} tok/s  lora {lora:,}", flush=True)
-    if v.kind == "floor":
-        base.disable_input_require_grads()
-    else:
-        del optimizer
-        loradrop.remove_rank_dropout(model)
-        model.unload()
-    base.zero_grad(set_to_none=True)
-    del model
-    gc.collect()
-    torch.cuda.empty_cache()
+    del step
+    teardown(base, v, model)
 
 
 def diagnose(layer, x) -> dict:
@@ -233,13 +243,7 @@ def run_paired(base, variants: list[Variant], batch, r: int, steps: int, rounds:
     """For host-bound shapes, where a machine's drift is as large as the differences: every variant
     on its own copy of the base, all built first, then timed in alternating rounds (``steps`` steps
     each); a variant's time is its median over rounds. No memory figures (all models are resident)."""
-    timed = []
-    for v in variants:
-        model = build(copy.deepcopy(base), v, r)
-        optimizer = None if v.kind == "floor" else torch.optim.AdamW(
-            [p for p in model.parameters() if p.requires_grad], lr=1e-4)
-        model.train()
-        timed.append((v, make_step(model, batch, v.kind != "floor" and v.adapters == "fp32", optimizer)))
+    timed = [(v, build(copy.deepcopy(base), v, r, batch)[1]) for v in variants]
     each: dict[str, list[float]] = {v.name: [] for v in variants}
     for _ in range(rounds):
         for v, step in timed:

@@ -7,7 +7,6 @@ step, for chosen variants of ``bench_step.py`` (same model, batch and variant de
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import time
 from pathlib import Path
@@ -15,16 +14,11 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from bench_step import SHAPES, VARIANTS, build, build_base, make_step
+from bench_step import SHAPES, VARIANTS, build, build_base, teardown
 
 
 def profile_variant(base, variant, batch, r: int, top: int) -> dict:
-    model = build(base, variant, r)
-    optimizer = None
-    if variant.kind != "floor":
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    model.train()
-    step = make_step(model, batch, variant.kind != "floor" and variant.adapters == "fp32", optimizer)
+    model, step = build(base, variant, r, batch)
     for _ in range(3):
         step()
     torch.cuda.synchronize()
@@ -44,15 +38,8 @@ def profile_variant(base, variant, batch, r: int, top: int) -> dict:
            if e.device_type.name == "CPU" and e.key.startswith("aten::") and e.self_device_time_total > 0]
     rows = sorted(({"name": f"{e.key} {e.input_shapes}"[:150], "ms": e.self_device_time_total / 1e3, "count": e.count}
                    for e in ops), key=lambda row: -row["ms"])[:top]
-    if variant.kind == "floor":
-        base.disable_input_require_grads()
-    else:
-        del optimizer
-        model.unload()
-    base.zero_grad(set_to_none=True)
-    del model
-    gc.collect()
-    torch.cuda.empty_cache()
+    del step
+    teardown(base, variant, model)
     return {"variant": variant.name, "gpu_ms": total, "kernels": count, "host_ms": sorted(host)[1], "top": rows}
 
 
