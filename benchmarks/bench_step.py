@@ -129,15 +129,16 @@ VARIANTS = [
 ]
 
 
-def build(base, v: Variant, r: int, batch: dict):
+def build(base, v: Variant, r: int, batch: dict, optimizer: str = "fused"):
     """The model of variant ``v`` on ``base``, in training mode, and one training step of it
-    (forward, backward, AdamW on the trainable parameters; the floor has no optimizer)."""
+    (forward, backward, AdamW on the trainable parameters; the floor has no optimizer). ``optimizer``
+    is AdamW's implementation, fused (the Trainer's default, ``adamw_torch_fused``) or foreach."""
     model = _model(base, v, r)
-    optimizer = None
+    adamw = None
     if v.kind != "floor":
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        adamw = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, **{optimizer: True})
     model.train()
-    return model, make_step(model, batch, v.kind != "floor" and v.adapters == "fp32", optimizer)
+    return model, make_step(model, batch, v.kind != "floor" and v.adapters == "fp32", adamw)
 
 
 def teardown(base, v: Variant, model) -> None:
@@ -167,9 +168,9 @@ def _model(base, v: Variant, r: int):
     return apply_plan(model, half_plan(model) if v.plan == "half" else full_plan(model), ld_cfg)
 
 
-def run_variant(base, v: Variant, batch, r, warmup, steps, results):
+def run_variant(base, v: Variant, batch, r, warmup, steps, results, optimizer: str):
     """Builds one variant on ``base``, times it, then removes every trace of it from ``base``."""
-    model, step = build(base, v, r, batch)
+    model, step = build(base, v, r, batch, optimizer)
     probe = loradrop.ImportanceProbe(model) if v.probe else contextlib.nullcontext()
     with probe:  # the probe's hooks stay on for all timed steps, as during a probe run
         ms, gib = time_steps(step, warmup, steps)
@@ -239,11 +240,11 @@ def adapter_bytes(base, r: int) -> dict:
 
 
 
-def run_paired(base, variants: list[Variant], batch, r: int, steps: int, rounds: int) -> list[dict]:
+def run_paired(base, variants: list[Variant], batch, r: int, steps: int, rounds: int, optimizer: str) -> list[dict]:
     """For host-bound shapes, where a machine's drift is as large as the differences: every variant
     on its own copy of the base, all built first, then timed in alternating rounds (``steps`` steps
     each); a variant's time is its median over rounds. No memory figures (all models are resident)."""
-    timed = [(v, build(copy.deepcopy(base), v, r, batch)[1]) for v in variants]
+    timed = [(v, build(copy.deepcopy(base), v, r, batch, optimizer)[1]) for v in variants]
     each: dict[str, list[float]] = {v.name: [] for v in variants}
     for _ in range(rounds):
         for v, step in timed:
@@ -282,9 +283,11 @@ def main() -> None:
     parser.add_argument("--paired", type=int, metavar="ROUNDS",
                         help="time all variants resident, in this many alternating rounds (host-bound shapes)")
     parser.add_argument("--only", nargs="+", help="run only the variants whose names contain one of these words")
+    parser.add_argument("--optimizer", choices=["fused", "foreach"], default="fused",
+                        help="AdamW's implementation for every trained variant (fused: the Trainer's default)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    report = {"date": time.strftime("%Y-%m-%d"), "gpu": torch.cuda.get_device_name(),
+    report = {"date": time.strftime("%Y-%m-%d"), "gpu": torch.cuda.get_device_name(), "optimizer": args.optimizer,
               "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                            "peft": peft.__version__, "loradrop": loradrop.__version__,
                            "python": platform.python_version()},
@@ -299,7 +302,8 @@ def main() -> None:
         if args.paired:
             selected = [v for v in selected if not v.probe]  # the probe's hooks are timed sequentially only
             report["shapes"][shape] = {"config": SHAPES[shape], "paired_rounds": args.paired,
-                                       "paired": run_paired(base, selected, batch, args.r, args.steps, args.paired)}
+                                       "paired": run_paired(base, selected, batch, args.r, args.steps, args.paired,
+                                                                   args.optimizer)}
             del base
             gc.collect()
             torch.cuda.empty_cache()
@@ -308,7 +312,7 @@ def main() -> None:
         runs: list[dict] = []
         for repeat in range(args.repeat):  # whole passes over the variants, so drift hits all alike
             for v in selected:
-                run_variant(base, v, batch, args.r, args.warmup, args.steps, runs)
+                run_variant(base, v, batch, args.r, args.warmup, args.steps, runs, args.optimizer)
                 runs[-1]["repeat"] = repeat
         report["shapes"][shape] = {"config": SHAPES[shape], "runs": runs, "variants": summarise(runs),
                                    "adapter": adapter_bytes(base, args.r),

@@ -7,7 +7,9 @@ step, for chosen variants of ``bench_step.py`` (same model, batch and variant de
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
+import tempfile
 import time
 from pathlib import Path
 
@@ -15,6 +17,42 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from bench_step import SHAPES, VARIANTS, build, build_base, teardown
+
+
+def idle_gaps(prof, top: int = 15) -> dict:
+    """Where the GPU waits for the host inside the profiled step: the idle time between consecutive
+    kernels, summed by the host op (innermost, and its parent) that launched the kernel after the gap."""
+    with tempfile.TemporaryDirectory() as tmp:
+        prof.export_chrome_trace(f"{tmp}/trace.json")
+        events = json.loads(Path(f"{tmp}/trace.json").read_text())["traceEvents"]
+    kernels = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")), key=lambda e: e["ts"])
+    launches = {e["args"]["correlation"]: e for e in events if e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {})}
+    ops: dict = {}  # per host thread, its ops by start time
+    for e in sorted((e for e in events if e.get("cat") == "cpu_op"), key=lambda e: e["ts"]):
+        ops.setdefault(e["tid"], []).append(e)
+    starts = {tid: [e["ts"] for e in thread] for tid, thread in ops.items()}
+
+    def enclosing(launch: dict) -> list[str]:  # innermost first, at most two
+        thread, names = ops.get(launch["tid"], []), []
+        i = bisect.bisect_right(starts.get(launch["tid"], []), launch["ts"]) - 1
+        while i >= 0 and len(names) < 2:
+            if thread[i]["ts"] + thread[i]["dur"] >= launch["ts"]:
+                names.append(thread[i]["name"])
+            i -= 1
+        return names
+
+    by_op: dict[str, float] = {}
+    for prev, nxt in zip(kernels, kernels[1:]):
+        gap = nxt["ts"] - (prev["ts"] + prev["dur"])
+        launch = launches.get(nxt.get("args", {}).get("correlation"))
+        if gap <= 0 or launch is None:
+            continue
+        key = " < ".join(enclosing(launch)) or "(no op)"
+        by_op[key] = by_op.get(key, 0.0) + gap
+    span = kernels[-1]["ts"] + kernels[-1]["dur"] - kernels[0]["ts"]
+    idle = sum(by_op.values())
+    rows = sorted(({"launched_in": k, "idle_ms": v / 1e3} for k, v in by_op.items()), key=lambda r: -r["idle_ms"])
+    return {"span_ms": span / 1e3, "idle_ms": idle / 1e3, "by_launching_op": rows[:top]}
 
 
 def profile_variant(base, variant, batch, r: int, top: int) -> dict:
@@ -38,9 +76,11 @@ def profile_variant(base, variant, batch, r: int, top: int) -> dict:
            if e.device_type.name == "CPU" and e.key.startswith("aten::") and e.self_device_time_total > 0]
     rows = sorted(({"name": f"{e.key} {e.input_shapes}"[:150], "ms": e.self_device_time_total / 1e3, "count": e.count}
                    for e in ops), key=lambda row: -row["ms"])[:top]
+    gaps = idle_gaps(prof)
     del step
     teardown(base, variant, model)
-    return {"variant": variant.name, "gpu_ms": total, "kernels": count, "host_ms": sorted(host)[1], "top": rows}
+    return {"variant": variant.name, "gpu_ms": total, "kernels": count, "host_ms": sorted(host)[1], "top": rows,
+            "idle": gaps}
 
 
 def main() -> None:
@@ -61,6 +101,10 @@ def main() -> None:
         print(f"\n{row['variant']}: GPU {row['gpu_ms']:.1f} ms in {row['kernels']} kernels, host {row['host_ms']:.1f} ms/step")
         for k in row["top"]:
             print(f"  {k['ms']:8.2f} ms {k['count']:6d}  {k['name']}")
+        idle = row["idle"]
+        print(f"  GPU idle {idle['idle_ms']:.1f} ms of a {idle['span_ms']:.1f} ms span; by the host op launching the next kernel:")
+        for k in idle["by_launching_op"]:
+            print(f"  {k['idle_ms']:8.2f} ms  {k['launched_in']}")
 
 
 if __name__ == "__main__":

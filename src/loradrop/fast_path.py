@@ -54,6 +54,14 @@ def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
+def _grad_mm(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``a @ b`` as the gradient of a parameter of ``dtype``. On CUDA a float32 master gets the GEMM's
+    float32 accumulator directly: no rounding to bf16 first and no cast kernel."""
+    if a.is_cuda and dtype == torch.float32 and a.dtype != dtype:
+        return torch.mm(a, b, out_dtype=dtype)
+    return _cast(a @ b, dtype)
+
+
 def _unmask(grad: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
     """``grad * mask * scale``, in one kernel where it can: the gradient through
     ``rank_dropout.mask_hidden`` times the LoRA scaling. ``grad`` is a fresh tensor."""
@@ -76,7 +84,6 @@ class _LoraLinearFunction(torch.autograd.Function):
                 lora_b: torch.Tensor, spec: tuple) -> torch.Tensor:
         scaling, dtype, lead, mask_cfg, observers = spec
         w, a, b = _cast(weight, dtype), _cast(lora_a, dtype), _cast(lora_b, dtype)
-        y = F.linear(x, w, _cast(bias, dtype) if bias is not None else None)
         h = F.linear(x, a)
         mask, ctx.mask_scale = None, 1.0
         if mask_cfg is not None or observers:
@@ -86,7 +93,10 @@ class _LoraLinearFunction(torch.autograd.Function):
             for observe in observers:
                 observe(h)
             h = h.reshape(-1, h.shape[-1])
-        y.addmm_(h, b.t(), alpha=scaling)
+        if scaling != 1.0:
+            h = h * scaling  # r-wide: cheaper here than on the d-wide output
+        y = F.linear(h, b, _cast(bias, dtype) if bias is not None else None)
+        y.addmm_(x, w.t())  # the base GEMM reads the LoRA output as its C operand: no extra pass over y
         ctx.save_for_backward(x, w, a, b, h, mask)
         ctx.spec = spec
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype, lora_a.dtype, lora_b.dtype)
@@ -100,19 +110,19 @@ class _LoraLinearFunction(torch.autograd.Function):
         weight_dtype, bias_dtype, a_dtype, b_dtype = ctx.dtypes
         dx = dw = dbias = da = db = None
         if need_b:
-            db = _cast(_unmask(dy.t() @ h, None, scaling), b_dtype)
+            db = _grad_mm(dy.t(), h, b_dtype)
         if need_x or need_a:
             dh = dy @ b
             if mask is not None:
                 dh = dh.view(*lead, -1)
             dh = _unmask(dh, mask, scaling * ctx.mask_scale).reshape(-1, dh.shape[-1])
             if need_a:
-                da = _cast(dh.t() @ x, a_dtype)
+                da = _grad_mm(dh.t(), x, a_dtype)
             if need_x:
-                dx = dy @ w
-                dx.addmm_(dh, a)
+                dx = dh @ a
+                dx.addmm_(dy, w)  # as in the forward: the big GEMM adds the rank-r term in its epilogue
         if need_w:
-            dw = _cast(dy.t() @ x, weight_dtype)
+            dw = _grad_mm(dy.t(), x, weight_dtype)
         if need_bias:
             dbias = _cast(dy.sum(0), bias_dtype)
         return dx, dw, dbias, da, db, None
