@@ -1,3 +1,4 @@
+import contextlib
 import copy
 
 import pytest
@@ -50,9 +51,10 @@ class Net(nn.Module):
         self.proj = nn.Linear(24, 40, bias=bias)
 
 
-def lora_linear(base_dtype, adapter_dtype, bias=True, train_base=False, seed=0):
+def lora_linear(base_dtype, adapter_dtype, bias=True, train_base=False, seed=0, lora_dropout=0.0):
     torch.manual_seed(seed)
-    model = get_peft_model(Net(bias).to(base_dtype), LoraConfig(r=6, lora_alpha=9, target_modules=["proj"]))
+    model = get_peft_model(Net(bias).to(base_dtype), LoraConfig(r=6, lora_alpha=9, target_modules=["proj"],
+                                                                lora_dropout=lora_dropout))
     layer = model.base_model.model.proj
     randomize_lora(model, seed)
     for p in layer.lora_A.parameters():
@@ -64,8 +66,10 @@ def lora_linear(base_dtype, adapter_dtype, bias=True, train_base=False, seed=0):
 
 
 def forward_and_grads(layer, x, autocast):
-    """Output and every gradient (input, LoRA A and B, trainable base weights) of a sum-of-squares loss."""
+    """Output and every gradient (input, LoRA A and B, trainable base weights) of a sum-of-squares loss;
+    the same seed for every call, so both paths draw the same dropout."""
     x = x.detach().clone().requires_grad_()
+    torch.manual_seed(0)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         out = layer(x)
     out.float().square().sum().backward()
@@ -82,11 +86,12 @@ CASES = {  # base dtype, adapter dtype, autocast, tolerance
 }
 
 
+@pytest.mark.parametrize("lora_dropout", [0.0, 0.3], ids=["", "lora_dropout"])
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("shape", [(3, 5, 24), (7, 24), (24,)])
-def test_layer_matches_peft_on_fresh_inputs(case, shape, fast_calls):
+def test_layer_matches_peft_on_fresh_inputs(case, shape, lora_dropout, fast_calls):
     base_dtype, adapter_dtype, autocast, tol = CASES[case]
-    layer = lora_linear(base_dtype, adapter_dtype)
+    layer = lora_linear(base_dtype, adapter_dtype, lora_dropout=lora_dropout)
     for seed in range(3):
         x = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(base_dtype)
         disable_fast_path(layer)
@@ -102,13 +107,22 @@ def test_layer_matches_peft_on_fresh_inputs(case, shape, fast_calls):
     assert len(fast_calls) == 3
 
 
-def test_layer_matches_the_formula_and_trains_a_trainable_base(fast_calls):
-    layer = enable_fast_path(lora_linear(torch.float64, torch.float64, train_base=True))
+@pytest.mark.parametrize("lora_dropout", [0.0, 0.3], ids=["", "lora_dropout"])
+def test_layer_matches_the_formula_and_trains_a_trainable_base(lora_dropout, fast_calls):
+    layer = enable_fast_path(lora_linear(torch.float64, torch.float64, train_base=True, lora_dropout=lora_dropout))
     x = torch.randn(4, 5, 24, dtype=torch.float64, requires_grad=True)
     a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
     w, bias, s = layer.base_layer.weight, layer.base_layer.bias, layer.scaling["default"]
-    assert torch.allclose(layer(x), x @ w.T + bias + s * (x @ a.T) @ b.T)
-    assert torch.autograd.gradcheck(lambda x, w, bias, a, b: layer(x), (x, w, bias, a, b))
+    torch.manual_seed(0)  # the dropout noise as torch's CPU dropout draws it
+    noise = torch.empty_like(x).bernoulli_(1 - lora_dropout).div_(1 - lora_dropout)
+    torch.manual_seed(0)
+    assert torch.allclose(layer(x), x @ w.T + bias + s * ((x * noise) @ a.T) @ b.T)
+
+    def seeded(x, w, bias, a, b):  # gradcheck calls the layer many times: the same noise each time
+        torch.manual_seed(0)
+        return layer(x)
+
+    assert torch.autograd.gradcheck(seeded, (x, w, bias, a, b))
     assert len(fast_calls) >= 1
 
 
@@ -135,18 +149,25 @@ def assert_same_step(a, b, tol):
         assert rel(grads_a[name], grads_b[name]) <= tol, name
 
 
+@pytest.mark.parametrize("probe", [False, True], ids=["", "probe-hooks-on"])
 @pytest.mark.parametrize("granularity", ["token", "sample", "step"])
-def test_lora_drop_with_rank_dropout_matches_peft_path(granularity, fast_calls):
+def test_lora_drop_with_rank_dropout_matches_peft_path(granularity, probe, fast_calls):
     cfg = LoraDropConfig(target_modules=LLAMA_TARGETS, r=4, rank_dropout=0.5, rank_dropout_granularity=granularity,
-                         fast_path=False)
+                         lora_dropout=0.1, fast_path=False)  # both draws, in PEFT's order
     plan = Plan(layers={t: [0, 1, 2] for t in LLAMA_TARGETS}, retained={t: [1] for t in LLAMA_TARGETS})
     model = apply_plan(tiny_llama(layers=3), plan, cfg)
     randomize_lora(model)
     model.train()
     assert not fast_path_enabled(model)
-    reference = loss_and_grads(model)
+    hooks = (lambda: ImportanceProbe(model)) if probe else contextlib.nullcontext  # the probe sees per-example shapes
+    with hooks() as reference_probe:
+        reference = loss_and_grads(model)
     enable_fast_path(model)
-    assert_same_step(loss_and_grads(model), reference, 1e-5)
+    with hooks() as fast_probe:
+        assert_same_step(loss_and_grads(model), reference, 1e-5)
+    if probe:
+        want, got = reference_probe.raw_scores(), fast_probe.raw_scores()
+        assert all(got[site] == pytest.approx(want[site], rel=1e-5) for site in want)
     assert len(fast_calls) == 18  # 6 types x 3 layers, shared sites included
     other = loss_and_grads(model, seed=1)  # another seed draws other masks
     assert rel(other[0], reference[0]) > 1e-4
@@ -161,7 +182,7 @@ def test_apply_plan_turns_it_on_and_the_config_can_turn_it_off():
 
 
 def test_gradient_checkpointing_replays_masks_on_the_fast_path(fast_calls):
-    cfg = LoraDropConfig(target_modules=LLAMA_TARGETS, r=4, rank_dropout=0.5)
+    cfg = LoraDropConfig(target_modules=LLAMA_TARGETS, r=4, rank_dropout=0.5, lora_dropout=0.1)
     plan = Plan(layers={t: [0, 1] for t in LLAMA_TARGETS}, retained={t: [0] for t in LLAMA_TARGETS})
     plain = apply_plan(tiny_llama(layers=2), plan, cfg)
     randomize_lora(plain)
@@ -268,6 +289,14 @@ def _base_hook(model):
     next(iter(lora_layers(model).values())).base_layer.register_forward_pre_hook(lambda m, a: None)
 
 
+def _dropout_hook(model):
+    next(iter(lora_layers(model).values())).lora_dropout["default"].register_forward_hook(lambda m, a, o: None)
+
+
+def _alpha_dropout(model):
+    next(iter(lora_layers(model).values())).lora_dropout["default"] = nn.AlphaDropout(0.2)
+
+
 def _float64_adapter(model):
     layer = next(iter(lora_layers(model).values()))
     layer.lora_A["default"].double(), layer.lora_B["default"].double()
@@ -276,7 +305,8 @@ def _float64_adapter(model):
 FALLBACKS = {
     "dora": (lambda: peft_llama(use_dora=True), lambda m: None, 0),
     "lora_bias": (lambda: peft_llama(lora_bias=True), lambda m: None, 0),
-    "lora_dropout": (lambda: peft_llama(lora_dropout=0.2), lambda m: None, 0),
+    "hook_on_lora_dropout": (lambda: peft_llama(lora_dropout=0.2), _dropout_hook, 11),
+    "other_dropout_module": (lambda: peft_llama(lora_dropout=0.2), _alpha_dropout, 11),
     "two_active_adapters": (peft_llama, _second_adapter, 10),  # sites without the second adapter stay fast
     "merged": (peft_llama, lambda m: m.merge_adapter(), 0),
     "foreign_hook_on_lora_A": (peft_llama, _foreign_hook, 11),
@@ -312,8 +342,23 @@ def test_conv1d_gpt2_and_disabled_adapters_fall_back(fast_calls):
     assert not fast_calls
 
 
-def test_lora_dropout_is_fast_in_eval(fast_calls):
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_lora_dropout_matches_peft(train, fast_calls):
     model = peft_llama(lora_dropout=0.2)
-    want, got = _peft_and_fast(model, train=False)
+    want, got = _peft_and_fast(model, train=train)
     assert_same_step(got, want, 1e-5)
     assert len(fast_calls) == 12
+    if train:  # the dropout is really drawn: another seed gives other numbers
+        assert rel(loss_and_grads(model, seed=1)[0], got[0]) > 1e-4
+
+
+def test_lora_dropout_keeps_the_dropped_input_only(fast_calls):
+    """With a frozen base the backward keeps x with the dropout applied (for the A gradient), not x too."""
+    for train_base in (False, True):
+        layer = enable_fast_path(lora_linear(torch.float32, torch.float32, train_base=train_base, lora_dropout=0.3))
+        x = torch.randn(5, 24, requires_grad=True)
+        node = layer(x).grad_fn.next_functions[0][0]  # under the view back to x's leading shape
+        assert type(node).__name__ == "_LoraLinearFunctionBackward"
+        saved = node.saved_tensors
+        kept = [t for t in saved if t is not None and t.shape == x.shape]
+        assert len(kept) == 2 + train_base  # the dropped x and its noise; the undropped x for a trainable base

@@ -8,21 +8,30 @@ the addition and the sum of the two input gradients are each another pass over a
 activation, and every op is an autograd node the host has to schedule. The fast path is one autograd
 function per site that:
 
-* casts the adapter weights (r x d, tiny) to the compute dtype and never copies ``x``;
-* applies DropLoRA's rank mask to the r-wide hidden ``h = A x`` and adds ``scaling * h B^T`` into
-  the base output in place with one GEMM (the scaling is its alpha);
-* in the backward writes the input gradient once (``dy W``, then ``dh A`` added in place) and saves
-  nothing d-wide but ``x``; the adapter gradients come back in the adapters' own dtype, so float32
-  master weights accumulate float32 gradients (also across the sites of a shared LoRA).
+* casts the adapter weights (r x d, tiny) to the compute dtype and never copies ``x`` -- with
+  ``lora_dropout`` it draws the dropout on the activation as it comes (PEFT drops a float32 copy under
+  autocast) and keeps the dropped ``x`` and the mask for the backward, as PEFT's bf16 path does;
+* applies DropLoRA's rank mask and the scaling to the r-wide hidden ``h = A x``, writes the LoRA
+  term ``h B^T`` first and lets the base GEMM add ``x W^T`` into it (beta = 1: cuBLAS reads the
+  LoRA term in the epilogue of a compute-bound GEMM, where the read is nearly free), so no d-wide
+  tensor is read back just to add the LoRA;
+* in the backward does the same for the input gradient (``dh A`` written, ``dy W`` added by the
+  big GEMM) and, without dropout, saves nothing d-wide but ``x``; the adapter gradients come back in
+  the adapters' own dtype (on CUDA a float32 master gets the GEMM's float32 result without a bf16
+  rounding), so float32 master weights accumulate float32 gradients (also across the sites of a
+  shared LoRA).
+
+With cuBLAS that leaves six skinny GEMMs a site, each one pass over a d-wide activation; measured
+kernels written in Triton move those bytes no faster (``benchmarks/FASTPATH_NOTES.md``).
 
 Rank masks come from ``rank_dropout.mask_hidden`` (the same random stream as the hook, so gradient
 checkpointing replays them), and the importance probe's observer on ``lora_B`` is called with the
 masked hidden, as on PEFT's path.
 
 Wherever it does not apply -- merged or disabled adapters, several active adapters on a site, LoRA
-variants (DoRA), quantised or Conv1D bases, ``lora_dropout`` in training, a LoRA bias, mixed dtypes
-without autocast, or hooks it does not know on the base or LoRA modules -- the layer runs PEFT's own
-forward. Enabling it changes no parameter, state dict, saved adapter or merge.
+variants (DoRA), quantised or Conv1D bases, a LoRA bias, mixed dtypes without autocast, or hooks it
+does not know on the base, LoRA or dropout modules -- the layer runs PEFT's own forward. Enabling it
+changes no parameter, state dict, saved adapter or merge.
 """
 
 from __future__ import annotations
@@ -62,9 +71,20 @@ def _grad_mm(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tens
     return _cast(a @ b, dtype)
 
 
+def _input_dropout(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """PEFT's ``lora_dropout`` (an ``nn.Dropout``) on ``x``, drawn as ``F.dropout`` draws it on x's
+    device -- the fused kernel on CUDA, a Bernoulli noise tensor on the CPU -- so both paths consume the
+    random stream alike. Returns (dropped x, mask, scale) for ``_unmask``."""
+    if x.is_cuda:
+        dropped, keep = torch.native_dropout(x, p, True)
+        return dropped, keep, 1.0 / (1.0 - p)
+    noise = torch.empty_like(x).bernoulli_(1.0 - p).div_(1.0 - p)
+    return x * noise, noise, 1.0
+
+
 def _unmask(grad: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
     """``grad * mask * scale``, in one kernel where it can: the gradient through
-    ``rank_dropout.mask_hidden`` times the LoRA scaling. ``grad`` is a fresh tensor."""
+    ``rank_dropout.mask_hidden`` (times the LoRA scaling) or ``_input_dropout``. ``grad`` is a fresh tensor."""
     if mask is None:
         return grad if scale == 1.0 else grad.mul_(scale)
     if mask.dtype == torch.bool:
@@ -74,38 +94,44 @@ def _unmask(grad: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torc
 
 
 class _LoraLinearFunction(torch.autograd.Function):
-    """``x W^T + b + scaling * (mask * (x A^T)) B^T`` for 2-D ``x``, computed in ``dtype``; the
-    scaling is the alpha of the GEMM that adds the LoRA.
+    """``x W^T + b + scaling * (mask * (x A^T)) B^T`` for 2-D ``x``, computed in ``dtype``: the
+    LoRA term first, then the base GEMM accumulates into it.
 
-    ``spec`` is (scaling, dtype, leading shape of x, rank-mask config or None, observers)."""
+    ``spec`` is (scaling, dtype, leading shape of x, rank-mask config or None, observers,
+    lora_dropout probability)."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
                 lora_b: torch.Tensor, spec: tuple) -> torch.Tensor:
-        scaling, dtype, lead, mask_cfg, observers = spec
+        scaling, dtype, lead, mask_cfg, observers, drop_p = spec
         w, a, b = _cast(weight, dtype), _cast(lora_a, dtype), _cast(lora_b, dtype)
-        h = F.linear(x, a)
+        xd, drop_mask, ctx.drop_scale = _input_dropout(x, drop_p) if drop_p else (x, None, 1.0)
+        h = F.linear(xd, a)
         mask, ctx.mask_scale = None, 1.0
-        if mask_cfg is not None or observers:
-            h = h.view(*lead, -1)  # the mask's and the observers' shape: per example, per token
-            if mask_cfg is not None:
-                h, mask, ctx.mask_scale = mask_hidden(h, mask_cfg)
-            for observe in observers:
-                observe(h)
+        per_example = bool(observers) or (mask_cfg is not None and mask_cfg.granularity == "sample")
+        if per_example:  # sample masks are drawn per example, the probe books per example and token
+            h = h.view(*lead, -1)
+        if mask_cfg is not None:  # token and step masks draw the same stream on the 2-D hidden
+            h, mask, ctx.mask_scale = mask_hidden(h, mask_cfg)
+        for observe in observers:
+            observe(h)
+        if per_example:
             h = h.reshape(-1, h.shape[-1])
         if scaling != 1.0:
             h = h * scaling  # r-wide: cheaper here than on the d-wide output
         y = F.linear(h, b, _cast(bias, dtype) if bias is not None else None)
         y.addmm_(x, w.t())  # the base GEMM reads the LoRA output as its C operand: no extra pass over y
-        ctx.save_for_backward(x, w, a, b, h, mask)
+        # the LoRA A gradient needs the dropped x; the undropped one only a trainable base weight
+        x_base = x if drop_mask is not None and ctx.needs_input_grad[1] else None
+        ctx.save_for_backward(xd, x_base, w, a, b, h, mask, drop_mask)
         ctx.spec = spec
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype, lora_a.dtype, lora_b.dtype)
         return y
 
     @staticmethod
     def backward(ctx: Any, dy: torch.Tensor) -> tuple:
-        x, w, a, b, h, mask = ctx.saved_tensors
-        scaling, _, lead, _, _ = ctx.spec
+        xd, x, w, a, b, h, mask, drop_mask = ctx.saved_tensors
+        scaling, lead = ctx.spec[0], ctx.spec[2]
         need_x, need_w, need_bias, need_a, need_b, _ = ctx.needs_input_grad
         weight_dtype, bias_dtype, a_dtype, b_dtype = ctx.dtypes
         dx = dw = dbias = da = db = None
@@ -113,16 +139,19 @@ class _LoraLinearFunction(torch.autograd.Function):
             db = _grad_mm(dy.t(), h, b_dtype)
         if need_x or need_a:
             dh = dy @ b
-            if mask is not None:
-                dh = dh.view(*lead, -1)
-            dh = _unmask(dh, mask, scaling * ctx.mask_scale).reshape(-1, dh.shape[-1])
+            if mask is not None and mask.dim() > 2:  # drawn per example
+                dh = _unmask(dh.view(*lead, -1), mask, scaling * ctx.mask_scale).view(dh.shape)
+            else:
+                dh = _unmask(dh, mask, scaling * ctx.mask_scale)
             if need_a:
-                da = _grad_mm(dh.t(), x, a_dtype)
+                da = _grad_mm(dh.t(), xd, a_dtype)
             if need_x:
                 dx = dh @ a
+                if drop_mask is not None:
+                    dx = _unmask(dx, drop_mask, ctx.drop_scale)
                 dx.addmm_(dy, w)  # as in the forward: the big GEMM adds the rank-r term in its epilogue
         if need_w:
-            dw = _grad_mm(dy.t(), x, weight_dtype)
+            dw = _grad_mm(dy.t(), xd if x is None else x, weight_dtype)
         if need_bias:
             dbias = _cast(dy.sum(0), bias_dtype)
         return dx, dw, dbias, da, db, None
@@ -137,11 +166,27 @@ def _plain_linear(module: nn.Module) -> bool:
     (Reads the module's ``__dict__``: this runs for every site in every forward.)"""
     if type(module) is not nn.Linear:
         return False
+    weight = module.__dict__["_parameters"]["weight"]
+    return not _patched(module) and type(weight) in _PLAIN and weight.is_floating_point()
+
+
+def _patched(module: nn.Module) -> bool:
+    """A replaced forward, or hooks other than forward hooks (those the callers look at themselves)."""
     state = module.__dict__
-    weight = state["_parameters"]["weight"]
-    return ("forward" not in state and not (state["_forward_pre_hooks"] or state["_backward_hooks"]
-                                            or state["_backward_pre_hooks"])
-            and type(weight) in _PLAIN and weight.is_floating_point())
+    return "forward" in state or bool(state["_forward_pre_hooks"] or state["_backward_hooks"]
+                                      or state["_backward_pre_hooks"])
+
+
+def _dropout_p(dropout: nn.Module, x: torch.Tensor) -> float | None:
+    """The ``lora_dropout`` probability to apply (0.0: none), or None where the fast path cannot draw it
+    as PEFT's module would: a hooked, replaced or other module than PEFT's ``nn.Dropout`` /
+    ``nn.Identity``, an in-place dropout, p = 1, a device other than the CPU or CUDA."""
+    if type(dropout) not in (nn.Dropout, nn.Identity) or _patched(dropout) or dropout._forward_hooks:
+        return None
+    if not dropout.training or type(dropout) is nn.Identity:
+        return 0.0
+    usable = not dropout.inplace and dropout.p < 1.0 and x.device.type in ("cpu", "cuda")
+    return dropout.p if usable else None
 
 
 def _global_hooks() -> bool:
@@ -206,8 +251,8 @@ def _fast_call(layer: LoraLinear, x: torch.Tensor) -> tuple | None:
     mask_cfg, observers = _rank_mask(lora_a), _observers(lora_b)
     if mask_cfg is False or observers is None:
         return None
-    dropout = modules["lora_dropout"]._modules[name]
-    if dropout.training and getattr(dropout, "p", 0.0) > 0.0:
+    drop_p = _dropout_p(modules["lora_dropout"]._modules[name], x)
+    if drop_p is None:
         return None
     device = x.device.type
     if torch.is_autocast_enabled(device):
@@ -216,7 +261,8 @@ def _fast_call(layer: LoraLinear, x: torch.Tensor) -> tuple | None:
         dtype = x.dtype
     else:
         return None  # PEFT would compute the LoRA in the adapter's dtype from a cast copy of x
-    return base, lora_a, lora_b, (state["scaling"][name], dtype, tuple(x.shape[:-1]), mask_cfg, observers)
+    return base, lora_a, lora_b, (state["scaling"][name], dtype, tuple(x.shape[:-1]), mask_cfg, observers,
+                                  drop_p)
 
 
 def _lora_linears(model: nn.Module) -> list[LoraLinear]:
