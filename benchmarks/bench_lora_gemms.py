@@ -36,10 +36,12 @@ def gpu_ms(fn, reps: int = 15, calls: int = 20) -> float:
     return statistics.median(times)
 
 
-def gemm_rows(d_in: int, d_out: int) -> list[dict]:
-    def t(*shape):
-        return torch.randn(*shape, device="cuda", dtype=torch.bfloat16)
+def random_bf16(*shape: int) -> torch.Tensor:
+    return torch.randn(*shape, device="cuda", dtype=torch.bfloat16)
 
+
+def gemm_rows(d_in: int, d_out: int) -> list[dict]:
+    t = random_bf16
     x, dy, w = t(TOKENS, d_in), t(TOKENS, d_out), t(d_out, d_in)
     a, b = t(RANK, d_in), t(d_out, RANK)
     h, dh = t(TOKENS, RANK), t(TOKENS, RANK)
@@ -73,9 +75,7 @@ def gemm_rows(d_in: int, d_out: int) -> list[dict]:
 def inductor_rows() -> list[dict]:
     """The q/k/v/o shape's read-bound GEMMs as torch.compile's max-autotune builds them (it times
     cuBLAS against its Triton templates and keeps the faster): what a generated kernel could gain."""
-    def t(*shape):
-        return torch.randn(*shape, device="cuda", dtype=torch.bfloat16)
-
+    t = random_bf16
     x, dy, a, b, h = t(TOKENS, 4096), t(TOKENS, 4096), t(RANK, 4096), t(4096, RANK), t(TOKENS, RANK)
     mm = torch.compile(torch.mm, mode="max-autotune-no-cudagraphs", dynamic=False)
     rows = []

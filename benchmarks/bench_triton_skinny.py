@@ -21,7 +21,8 @@ import triton
 import triton.language as tl
 from triton.testing import do_bench
 
-TOKENS, RANK = 4096, 64
+from bench_lora_gemms import RANK, TOKENS, random_bf16
+
 
 
 @triton.jit
@@ -75,7 +76,7 @@ def best(configs, launch, reference) -> dict:
 
 
 def run(d: int) -> list[dict]:
-    t = lambda *s: torch.randn(*s, device="cuda", dtype=torch.bfloat16)  # noqa: E731
+    t = random_bf16
     x, a, dy, h, b = t(TOKENS, d), t(RANK, d), t(TOKENS, d), t(TOKENS, RANK), t(d, RANK)
     moved = TOKENS * d * 2
     report = []
