@@ -68,9 +68,9 @@ def test_model_without_causal_lm_head_is_refused(tmp_path):
 
 
 def test_hub_id_that_cannot_be_reached(monkeypatch):
-    import huggingface_hub
+    from huggingface_hub import constants
 
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no network wait in the test
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # no network wait in the test
     with pytest.raises(ValueError, match="cannot load 'loradrop-no-such-org/no-such-model'"):
         load_causal_lm("loradrop-no-such-org/no-such-model")
 

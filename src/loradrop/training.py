@@ -24,6 +24,7 @@ from accelerate import PartialState
 from accelerate.utils import DistributedType
 from accelerate.utils import set_seed as seed_per_rank
 from peft import PeftModel
+from datasets import DatasetDict
 from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -31,14 +32,18 @@ from . import __version__
 from .adapter_io import describe_adapter, save_adapter
 from .config import LoraDropConfig, RankDropoutConfig
 from .importance import ImportanceResult, evaluate_importance
-from .models import load_classifier, tokenize_task
+from .generate_eval import evaluate_generation
+from .models import load_causal_lm, load_classifier, tokenize_task
 from .report import atomic_write_bytes, importance_heatmap, output_norm_histograms, results_table, write_json
 from .selection import Plan, select
 from .sharing import apply_plan, lora_parameter_count
 from .sites import add_lora, find_sites, site_layers
 from .tasks.metrics import compute_metrics, majority_baseline
 from .tasks.registry import Task, get_task, load_task
+from .tasks.gen_metrics import GENERATION_METRICS
+from .tasks.generation import TRUNCATION_POLICIES, generation_collator, tokenize_generation
 from .tasks.user_data import load_user_task
+from .tasks.user_generation import load_user_generation_task
 
 # method -> (selection strategy or None for plain LoRA, rank dropout on)
 METHODS: dict[str, tuple[str | None, bool]] = {
@@ -55,6 +60,10 @@ METHODS: dict[str, tuple[str | None, bool]] = {
 # LoRA targets by model type: the paper's query/value for encoders
 DEFAULT_TARGETS = {"bert": ["query", "value"], "roberta": ["query", "value"], "llama": ["q_proj", "v_proj"],
                    "mistral": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"], "gpt2": ["c_attn"]}
+# LoRA targets of a causal LM fine-tuned on generation: every attention and MLP projection but the
+# gate (the usual LLM recipe), for the Llama family
+CAUSAL_LM_TARGETS = {t: ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
+                     for t in ("llama", "mistral", "qwen2", "qwen3")}
 
 
 @dataclass
@@ -93,6 +102,18 @@ class RunConfig:
     seed: int = 0
     show_progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
+    prompt_column: str | None = field(default=None, metadata={
+        "help": "column of the prompt in --data: makes it a generation task (with --response-column)"})
+    response_column: str = field(default="response", metadata={"help": "column of the response in --data"})
+    messages_column: str | None = field(default=None, metadata={
+        "help": "column of chat turns [{role, content}, ...] in --data, the last one the assistant's response"})
+    generation_metric: str = field(default="rougeL", metadata={
+        "help": "metric of a generation task from --data: exact_match, choice_accuracy, rougeL, bleu, chrf"})
+    truncation: str = field(default="drop", metadata={
+        "help": "examples longer than --max-length: 'drop' them or 'truncate' their response"})
+    max_new_tokens: int = field(default=256, metadata={"help": "cap on generated tokens per validation answer"})
+    generation_eval_examples: int = field(default=50, metadata={
+        "help": "validation examples answered by generation at each evaluation (greedy, on the CPU slow)"})
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -112,6 +133,7 @@ class RunConfig:
         if self.dtype not in ("float32", "bfloat16", "float16", "auto"):
             raise ValueError(f"dtype={self.dtype!r} is invalid: must be float32, bfloat16, float16 or auto")
         self.loradrop_config(["query"])  # validates the LoRA-drop fields now, not after loading a model
+        _check_generation_fields(self)
         RankDropoutConfig(self.rank_dropout, self.rank_dropout_granularity)
 
     def loradrop_config(self, target_modules: list[str]) -> LoraDropConfig:
@@ -134,6 +156,19 @@ class RunConfig:
         )
 
 
+def _check_generation_fields(cfg: RunConfig) -> None:
+    if cfg.truncation not in TRUNCATION_POLICIES:
+        raise ValueError(f"truncation={cfg.truncation!r} is invalid: must be one of {', '.join(TRUNCATION_POLICIES)}")
+    if cfg.generation_metric not in GENERATION_METRICS:
+        raise ValueError(f"generation_metric={cfg.generation_metric!r} is invalid: must be one of {', '.join(GENERATION_METRICS)}")
+    for name in ("max_new_tokens", "generation_eval_examples"):
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r} is invalid: must be a positive integer")
+    if cfg.prompt_column and cfg.messages_column:
+        raise ValueError("give either prompt_column (with response_column) or messages_column, not both")
+
+
 def _state() -> PartialState:
     """accelerate's view of the launch. Without CUDA, torchrun's processes are CPU ranks (gloo),
     which accelerate and the Trainer only treat as distributed when told to use the CPU."""
@@ -147,6 +182,9 @@ def _is_main() -> bool:
 
 # -- data and model ------------------------------------------------------------------------------
 def _load_data(cfg: RunConfig) -> tuple[Task, Any]:
+    if cfg.data is not None and (cfg.prompt_column or cfg.messages_column):
+        return load_user_generation_task(cfg.data, cfg.prompt_column or "prompt", cfg.response_column,
+                                         cfg.messages_column, seed=cfg.seed, metric=cfg.generation_metric)
     if cfg.data is not None:
         return load_user_task(cfg.data, cfg.text_column, cfg.label_column, cfg.text_pair_column, seed=cfg.seed)
     return get_task(cfg.task), load_task(cfg.task, seed=cfg.seed)
@@ -158,10 +196,12 @@ def _limit(dataset: Any, n: int | None, seed: int) -> Any:
     return dataset.shuffle(seed=seed).select(range(n))
 
 
-def _targets(model: torch.nn.Module, cfg: RunConfig) -> list[str]:
+def _targets(model: torch.nn.Module, cfg: RunConfig, generation: bool = False) -> list[str]:
     if cfg.target_modules:
         return cfg.target_modules
     model_type = getattr(model.config, "model_type", "")
+    if generation and model_type in CAUSAL_LM_TARGETS:
+        return CAUSAL_LM_TARGETS[model_type]
     if model_type not in DEFAULT_TARGETS:
         raise ValueError(f"no default LoRA targets for model type {model_type!r}: pass target_modules, e.g. ['q_proj', 'v_proj']")
     return DEFAULT_TARGETS[model_type]
@@ -171,10 +211,57 @@ def _prepare(cfg: RunConfig) -> tuple[Task, Any, Any, Any, Any, LoraDropConfig]:
     """Task, raw and tokenized data, model, tokenizer and LoRA-drop config of a run."""
     task, data = _load_data(cfg)
     data["train"] = _limit(data["train"], cfg.max_train_examples, cfg.seed)
+    if task.label_kind == "generation":
+        return _prepare_generation(cfg, task, data)
     model, tokenizer = load_classifier(cfg.model, task.num_labels, task.label_names, cfg.dtype)
     model.to(_state().device)  # the probe runs before the Trainer would move the model
     tokenized = tokenize_task(data, tokenizer, task, cfg.max_length)
     return task, data, model, tokenizer, tokenized, cfg.loradrop_config(_targets(model, cfg))
+
+
+def _prepare_generation(cfg: RunConfig, task: Task, data: Any) -> tuple[Task, Any, Any, Any, Any, LoraDropConfig]:
+    """A causal LM and its tokenizer; prompt + response tokenized with the prompt masked, and what the
+    length policy left out kept for results.json (``length_report``)."""
+    model, tokenizer = load_causal_lm(cfg.model, cfg.dtype)
+    model.to(_state().device)
+    tokenized, reports = tokenize_generation(data, tokenizer, cfg.max_length, cfg.truncation)
+    tokenized = _GenerationData(tokenized)
+    tokenized.length_report = {split: asdict(r) for split, r in reports.items()}
+    return task, data, model, tokenizer, tokenized, cfg.loradrop_config(_targets(model, cfg, generation=True))
+
+
+class _GenerationData(DatasetDict):
+    """Tokenized generation data, and what the length policy did to each split (for results.json)."""
+
+    length_report: dict[str, dict[str, int]]
+
+
+def _collator(tokenizer: Any, tokenized: Any) -> Any:
+    """Pads token labels with -100 for a causal LM (labels are lists), else the classifier's padding."""
+    first = tokenized[0]["labels"] if len(tokenized) else None
+    return generation_collator(tokenizer) if isinstance(first, list) else DataCollatorWithPadding(tokenizer)
+
+
+class _GenerationMetric(TrainerCallback):
+    """At each evaluation, answers the first ``examples`` validation prompts greedily and puts the
+    task's metric into the evaluation's metrics as ``eval_metric`` (and the perplexity of the
+    validation loss), before ``_KeepBest`` reads them: callbacks see the same dict in order."""
+
+    def __init__(self, task: Task, tokenizer: Any, validation: Any, cfg: RunConfig):
+        self.task, self.tokenizer, self.validation, self.cfg = task, tokenizer, validation, cfg
+
+    def score(self, model: Any) -> dict[str, float]:
+        result = evaluate_generation(model, self.tokenizer, self.validation, self.task.metric, self.cfg.max_new_tokens,
+                                     batch_size=self.cfg.batch_size, max_examples=self.cfg.generation_eval_examples)
+        return result.scores
+
+    def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict[str, float] | None = None,
+                    model: Any = None, **kwargs: Any) -> None:
+        if metrics is None:
+            return
+        metrics.update({f"eval_{k}": v for k, v in self.score(model).items()})
+        if "eval_loss" in metrics:
+            metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 700.0))
 
 
 # -- stage 1 -------------------------------------------------------------------------------------
@@ -217,7 +304,7 @@ def _probe_and_record(model: Any, train: Any, tokenizer: Any, cfg: RunConfig, ld
     """Runs the probe; the main process writes importance.json and the probe's figures."""
     start = time.perf_counter()
     result = evaluate_importance(model, train, ld_cfg, tokenizer=tokenizer, show_progress=cfg.show_progress,
-                                 record_examples=True)
+                                 record_examples=True, collate_fn=_collator(tokenizer, train))
     record = _importance_record(result, time.perf_counter() - start)
     if _is_main():
         write_json(record, out / "importance.json")
@@ -256,7 +343,7 @@ class _KeepBest(TrainerCallback):
             write_json(self.best, self.best_file)
 
 
-def _training_args(cfg: RunConfig, out: Path, steps_per_epoch: int) -> TrainingArguments:
+def _training_args(cfg: RunConfig, out: Path, steps_per_epoch: int, generation: bool = False) -> TrainingArguments:
     eval_steps = cfg.eval_steps or steps_per_epoch
     bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     defaults: dict[str, Any] = dict(
@@ -285,6 +372,8 @@ def _training_args(cfg: RunConfig, out: Path, steps_per_epoch: int) -> TrainingA
         # Trainer would treat it as a token-sum loss and multiply it by the number of processes.
         average_tokens_across_devices=False,
     )
+    if generation:  # batches of similar lengths pad little; the loss is a mean over response tokens
+        defaults.update(train_sampling_strategy="group_by_length")
     return TrainingArguments(**{**defaults, **cfg.extra})  # cfg.extra overrides any of the above
 
 
@@ -305,6 +394,9 @@ def run(cfg: RunConfig, importance_from: Path | None = None) -> dict[str, Any]:
         write_json(asdict(cfg), out / "run_config.json")
     set_seed(cfg.seed)
     task, data, model, tokenizer, tokenized, ld_cfg = _prepare(cfg)
+    generation = task.label_kind == "generation"
+    gen_metric = _GenerationMetric(task, tokenizer, data["validation"], cfg) if generation else None
+    base_scores = _base_scores(gen_metric, model, out) if gen_metric else None
 
     start = time.perf_counter()
     peft_model = add_lora(model, ld_cfg)  # the probe trains this LoRA; apply_plan re-initialises it
@@ -315,12 +407,12 @@ def run(cfg: RunConfig, importance_from: Path | None = None) -> dict[str, Any]:
     steps_per_epoch = -(-len(tokenized["train"]) // (cfg.batch_size * _state().num_processes))
     trainer = Trainer(
         model=peft_model,
-        args=_training_args(cfg, out, steps_per_epoch),
+        args=_training_args(cfg, out, steps_per_epoch, generation),
         train_dataset=tokenized["train"],
         eval_dataset=tokenized["validation"],
-        data_collator=DataCollatorWithPadding(tokenizer),
-        compute_metrics=lambda p: compute_metrics(task, p.predictions, p.label_ids),
-        callbacks=[keep_best := _KeepBest(out)],
+        data_collator=_collator(tokenizer, tokenized["train"]),
+        compute_metrics=None if generation else lambda p: compute_metrics(task, p.predictions, p.label_ids),
+        callbacks=([gen_metric] if gen_metric else []) + [keep_best := _KeepBest(out)],
     )
     seed_per_rank(cfg.seed, device_specific=True)  # rank-dropout masks differ by rank, reproducibly
     checkpoint = get_last_checkpoint(str(out / "checkpoints")) if (out / "checkpoints").is_dir() else None
@@ -341,7 +433,8 @@ def run(cfg: RunConfig, importance_from: Path | None = None) -> dict[str, Any]:
         "metric": keep_best.best["metric"],
         "best_step": keep_best.best["step"],
         "scores": keep_best.best["scores"],
-        "majority_baseline": majority_baseline(data["train"]["label"], data["validation"]["label"], task.metric),
+        "majority_baseline": None if generation else majority_baseline(data["train"]["label"], data["validation"]["label"],
+                                                                       task.metric),
         "lora_parameters": lora_parameter_count(peft_model),
         "trainable_parameters": sum(p.numel() for p in peft_model.parameters() if p.requires_grad),
         "adapter_bytes": adapter["bytes_on_disk"],
@@ -355,9 +448,24 @@ def run(cfg: RunConfig, importance_from: Path | None = None) -> dict[str, Any]:
         "versions": _versions(),
         "device": str(peft_model.device),
     }
+    if generation:
+        results.update(base_model_scores=base_scores, length_report=tokenized.length_report,
+                       generation_eval_examples=min(cfg.generation_eval_examples, len(data["validation"])))
     if _is_main():
         write_json(results, results_file)
     return results
+
+
+def _base_scores(gen_metric: _GenerationMetric, model: Any, out: Path) -> dict[str, float]:
+    """The base model's score before fine-tuning (the floor a generation run has to beat), kept in
+    ``base_scores.json`` so a resumed run does not generate again."""
+    record = out / "base_scores.json"
+    if record.exists():
+        return json.loads(record.read_text())
+    scores = gen_metric.score(model)
+    if _is_main():
+        write_json(scores, record)
+    return scores
 
 
 def probe(cfg: RunConfig) -> dict[str, Any]:

@@ -1,0 +1,63 @@
+"""The causal-LM path of the runner on a tiny Llama and the offline word-level tokenizer: a
+generation task from a JSONL file, LoRA-drop's probe on prompt-masked data, the generation metric
+at each evaluation, the best adapter kept by it, and the base model's score in results.json."""
+
+import json
+
+import pytest
+from conftest import tiny_chat_tokenizer, tiny_llama
+
+from loradrop.training import CAUSAL_LM_TARGETS, RunConfig, run
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny_llama(layers=2).save_pretrained(path)
+    tiny_chat_tokenizer().save_pretrained(path)
+    return str(path)
+
+
+def qa_file(path):
+    rows = [{"q": f"what is {a} + {b} ?", "a": "the answer is 5" if (a, b) == ("2", "3") else "no"}
+            for a in ("2", "3", "5") for b in ("2", "3", "5", "the", "answer", "yes", "no")]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_generation_run(tmp_path, llama_dir):
+    cfg = RunConfig(output_dir=str(tmp_path / "run"), model=llama_dir, data=qa_file(tmp_path / "qa.jsonl"),
+                    prompt_column="q", response_column="a", generation_metric="exact_match", method="lora-drop",
+                    max_steps=4, eval_steps=2, batch_size=4, max_length=24, probe_max_steps=2, show_progress=False,
+                    max_new_tokens=3, generation_eval_examples=2, learning_rate=1e-2)
+    results = run(cfg)
+    assert results["metric_name"] == "exact_match" and results["majority_baseline"] is None
+    assert set(results["base_model_scores"]) == {"metric", "exact_match"}
+    assert results["generation_eval_examples"] == 2
+    # 21 distinct prompts, 2 held out; every prompt + response fits in 24 tokens
+    assert results["length_report"] == {"train": {"kept": 19, "dropped": 0, "truncated": 0},
+                                        "validation": {"kept": 2, "dropped": 0, "truncated": 0}}
+    assert set(results["plan"]["layers"]) == set(CAUSAL_LM_TARGETS["llama"])
+    assert {"loss", "perplexity", "exact_match", "metric"} <= set(results["scores"])
+    assert (tmp_path / "run" / "adapter").is_dir() and (tmp_path / "run" / "base_scores.json").is_file()
+    assert run(cfg) == results  # finished: not run again
+
+
+def test_length_policy_drops_and_counts(tmp_path, llama_dir):
+    cfg = RunConfig(output_dir=str(tmp_path / "run"), model=llama_dir, data=qa_file(tmp_path / "qa.jsonl"),
+                    prompt_column="q", response_column="a", method="lora", max_steps=1, eval_steps=1, batch_size=4,
+                    max_length=17, show_progress=False, max_new_tokens=2, generation_eval_examples=1)
+    results = run(cfg)
+    # a prompt is 14 tokens with the chat template; "no" <|im_end|> \n makes 17, but the one row answered
+    # "the answer is 5" <|im_end|> \n makes 20 and is dropped
+    dropped = results["length_report"]["train"]["dropped"] + results["length_report"]["validation"]["dropped"]
+    assert dropped == 1
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("truncation", "cut", "truncation='cut' is invalid"), ("generation_metric", "f1", "generation_metric='f1'"),
+    ("max_new_tokens", 0, "max_new_tokens=0"), ("messages_column", "m", "either prompt_column")])
+def test_generation_fields_are_validated(tmp_path, field, value, message):
+    kwargs = {"prompt_column": "q"} if field == "messages_column" else {}
+    with pytest.raises(ValueError, match=message):
+        RunConfig(output_dir=str(tmp_path), **kwargs, **{field: value})
