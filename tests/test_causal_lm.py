@@ -1,5 +1,4 @@
 import logging
-import time
 
 import pytest
 import torch
@@ -88,7 +87,6 @@ def test_bundled_smollm2_generates(tmp_path_factory):
     from loradrop.generate_eval import generate
     from loradrop.tasks.generation import format_prompt
 
-    start = time.perf_counter()
     path = bundled_model_dir("smollm2")
     assert (path / "model.safetensors").stat().st_size > 500e6  # float32, 134.5 M parameters
     model, tokenizer = load_causal_lm("smollm2")
@@ -98,4 +96,3 @@ def test_bundled_smollm2_generates(tmp_path_factory):
     assert prompt.endswith("<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n")
     [answer] = generate(model, tokenizer, [prompt], max_new_tokens=8)
     assert "Paris" in answer
-    assert time.perf_counter() - start < 120

@@ -87,13 +87,16 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     (a temporary folder renamed into place), so a killed conversion never leaves half a model.
 
     transformers dequantises GGUF weights on load but refuses ``save_pretrained`` on such a model,
-    so a plain model is rebuilt from the config and given the loaded state dict.
+    so a plain model is rebuilt from the config and given the loaded state dict. Measured for
+    SmolLM2-135M on 2 busy cores: 10-40 s, nearly all of it transformers' dequantisation.
     """
     start = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype="float32")
-    plain = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
-    plain.load_state_dict(loaded.state_dict())
+    with torch.device("meta"):  # no random initialisation of weights that are overwritten next
+        plain = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
+    plain.load_state_dict(loaded.state_dict(), assign=True)
+    plain.tie_weights()  # (the rotary tables stay on meta: they are not saved, loading recomputes them)
     plain.generation_config = loaded.generation_config
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
