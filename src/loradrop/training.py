@@ -23,8 +23,8 @@ import transformers
 from accelerate import PartialState
 from accelerate.utils import DistributedType
 from accelerate.utils import set_seed as seed_per_rank
-from peft import PeftModel
 from datasets import DatasetDict
+from peft import PeftModel
 from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -38,10 +38,10 @@ from .report import atomic_write_bytes, importance_heatmap, output_norm_histogra
 from .selection import Plan, select
 from .sharing import apply_plan, lora_parameter_count
 from .sites import add_lora, find_sites, site_layers
-from .tasks.metrics import compute_metrics, majority_baseline
-from .tasks.registry import Task, get_task, load_task
 from .tasks.gen_metrics import GENERATION_METRICS
 from .tasks.generation import TRUNCATION_POLICIES, generation_collator, tokenize_generation
+from .tasks.metrics import compute_metrics, majority_baseline
+from .tasks.registry import Task, get_task, load_task
 from .tasks.user_data import load_user_task
 from .tasks.user_generation import load_user_generation_task
 
