@@ -101,6 +101,7 @@ def test_bundled_smollm2_generates(tmp_path_factory):
     path = bundled_model_dir("smollm2")
     assert (path / "model.safetensors").stat().st_size > 500e6  # float32, 134.5 M parameters
     model, tokenizer = load_causal_lm("smollm2")
+    assert not hasattr(model.config, "quantization_config")  # a plain model, which the Trainer trains
     assert sum(p.numel() for p in model.parameters()) == 134_515_008
     assert (model.config.model_type, model.config.num_hidden_layers, tokenizer.eos_token) == ("llama", 30, "<|im_end|>")
     prompt = format_prompt({"prompt": "What is the capital of France?"}, tokenizer)

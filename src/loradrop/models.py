@@ -6,6 +6,7 @@ or a folder without a model is one line that says what to fix, not a deep traceb
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -93,8 +94,10 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     start = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype="float32")
+    config = copy.deepcopy(loaded.config)
+    del config.quantization_config  # the weights are plain float32 now; the Trainer refuses "gguf" models
     with torch.device("meta"):  # no random initialisation of weights that are overwritten next
-        plain = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(loaded.state_dict(), assign=True)
     plain.tie_weights()  # (the rotary tables stay on meta: they are not saved, loading recomputes them)
     plain.generation_config = loaded.generation_config
