@@ -37,10 +37,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .config import LoraDropConfig, RankDropoutConfig
-from .rank_dropout import add_rank_dropout, rank_dropout_of, remove_rank_dropout
+from .rank_dropout import add_rank_dropout, rank_dropout_of
 from .selection import Plan
-from .sharing import CONFIG_ATTR, PLAN_ATTR, apply_plan, shared_groups
-from .sites import PEFT_PREFIX, find_sites
+from .sharing import CONFIG_ATTR, PLAN_ATTR, restructure, shared_groups
+from .sites import PEFT_PREFIX, find_sites, lora_layers
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "adapter_config.json"
@@ -254,8 +254,10 @@ def _lora_config(fields: dict[str, Any]) -> LoraConfig:
 
 
 def load_adapter(base_model: nn.Module, path: str | os.PathLike) -> PeftModel:
-    """Rebuilds the PEFT model, the shared-LoRA ties, the plan and the rank dropout saved at ``path``
-    on ``base_model``; its outputs equal the saved model's. Training can continue from it."""
+    """Builds the saved model on ``base_model``: PEFT's LoRA as saved, the plan's shared ties and
+    dropped sites, the saved weights, and the rank mask and fast-path setting the model was saved
+    with. Nothing of training's setup is replayed (no re-initialisation, no config-driven rank mask);
+    its outputs equal the saved model's, and training can continue from it."""
     config = read_adapter_config(path)
     section = config["loradrop"]
     _check_base(section.get("base_model") or {}, base_model)
@@ -263,18 +265,19 @@ def load_adapter(base_model: nn.Module, path: str | os.PathLike) -> PeftModel:
     weights = _read_weights(path)
     cfg = LoraDropConfig.from_dict(section["config"]) if section.get("config") else None
     model = get_peft_model(base_model, _lora_config(config))
+    adapter = _adapter(model)
     if plan is not None:
-        if cfg is None:
-            raise ValueError(f"{path}: the adapter has a plan but no loradrop config; save it again")
-        model = apply_plan(model, plan, LoraDropConfig.from_dict({**cfg.to_dict(), "reinit": False}))
+        restructure(model, plan, adapter)
+    if cfg is not None:
+        setattr(model, CONFIG_ATTR, cfg)
+        for layer in lora_layers(model).values():
+            layer.fast_path = cfg.fast_path
     shared = section.get("shared") or {}
     full = _expand(weights, shared)
     _check_keys_and_shapes(model, weights, full, shared)
-    set_peft_model_state_dict(model, full, adapter_name=_adapter(model))
+    set_peft_model_state_dict(model, full, adapter_name=adapter)
     if section.get("rank_dropout"):
-        add_rank_dropout(model, RankDropoutConfig(**section["rank_dropout"]), adapter_name=_adapter(model))
-    else:  # the config may ask for rank dropout that the saved model had switched off
-        remove_rank_dropout(model)
+        add_rank_dropout(model, RankDropoutConfig(**section["rank_dropout"]), adapter_name=adapter)
     return model
 
 

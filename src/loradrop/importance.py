@@ -1,13 +1,11 @@
 """LoRA-drop's first stage: how much each site's LoRA changes its layer's output.
 
 Per site, g = sum over probe tokens of ||Delta W x||^2, with Delta W x = scaling * B A x the LoRA
-branch output (PEFT's scaling included), padding excluded. A forward hook on ``lora_B`` sees its
-input h = A x (r values per token) and computes ||s B h||^2 = s^2 h^T (B^T B) h: r-wide work per
-token, never a copy of the d_out-wide output. The sums stay on the device in float64 until
-``scores()``, so the probe never syncs with the host.
-
-Shared LoRA modules are called by several sites, so each site's forward pre-hook marks itself as
-the current site and the ``lora_B`` hook books the sum there.
+branch output (PEFT's scaling included), padding excluded. Each site's ``observer`` slot
+(``layer.LoraDropLinear``) is given the hidden h = A x (r values per token) on either forward path,
+and the probe computes ||s B h||^2 = s^2 h^T (B^T B) h: r-wide work per token, never a copy of the
+d_out-wide output. The sums stay on the device in float64 until ``scores()``, so the probe never
+syncs with the host. The observer belongs to the site, so a shared LoRA is booked per site.
 """
 
 from __future__ import annotations
@@ -22,14 +20,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
 from peft import PeftModel
-from peft.tuners.lora import LoraLayer
 from peft.utils import ModulesToSaveWrapper
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm.auto import tqdm
 
 from .config import LoraDropConfig
-from .fast_path import disable_fast_path, enable_fast_path, fast_path_enabled, observes_lora_input
 from .selection import Importance, Plan, select
 from .sites import Site, add_lora, find_sites, lora_layers, sites_by_type
 from .tasks.sampling import stratified_sample
@@ -48,8 +45,7 @@ class ImportanceProbe:
         self.record_examples = record_examples
         self.sites = find_sites(model)
         self._layers = lora_layers(model)
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        self._current: Site | None = None
+        self._handle: torch.utils.hooks.RemovableHandle | None = None
         self._mask: torch.Tensor | None = None
         self.reset()
 
@@ -57,33 +53,26 @@ class ImportanceProbe:
         self._sums: dict[Site, torch.Tensor] = {}
         self._examples: dict[Site, list[torch.Tensor]] = {s: [] for s in self.sites}
 
-    # -- hooks -------------------------------------------------------------------------------
     def _capture_mask(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         mask = kwargs.get("attention_mask")
         self._mask = mask.float() if isinstance(mask, torch.Tensor) else None
 
-    def _enter_site(self, site: Site) -> Callable:
-        def hook(module: nn.Module, args: tuple) -> None:
-            self._current = site
+    def _observer(self, site: Site) -> Callable[[torch.Tensor], None]:
+        lora_b = self._layers[site.name].lora_B[self.adapter_name]
 
-        return hook
+        def observe(hidden: torch.Tensor) -> None:
+            h, weight = hidden.detach().float(), lora_b.weight.detach().float()
+            if lora_b.bias is None:
+                # ||B h||^2 = h^T (B^T B) h: r-wide work per token instead of d_out-wide; the scaling^2
+                # factor is applied once, when the sums are read
+                per_token = torch.linalg.vecdot(h @ (weight.T @ weight), h)
+            else:
+                per_token = F.linear(h, weight, lora_b.bias.detach().float()).square().sum(-1)
+            self._book(site, per_token)
 
-    def _leave_site(self, module: nn.Module, args: tuple, output: Any) -> None:
-        self._current = None
+        return observe
 
-    @observes_lora_input  # the output is read only with a LoRA bias, where the fast path is off
-    def _accumulate(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-        site = self._current
-        if site is None:  # lora_B called outside a LoRA layer's forward (e.g. by merging code)
-            return
-        if module.bias is None:
-            # ||B h||^2 = h^T (B^T B) h: r-wide work per token instead of d_out-wide; the scaling^2
-            # factor is applied once, when the sums are read
-            h = args[0].detach().float()
-            weight = module.weight.detach().float()
-            per_token = torch.linalg.vecdot(h @ (weight.T @ weight), h)
-        else:
-            per_token = output.detach().float().square().sum(-1)
+    def _book(self, site: Site, per_token: torch.Tensor) -> None:
         mask = self._mask
         if mask is not None and mask.shape == per_token.shape:
             per_token = per_token * mask
@@ -94,26 +83,24 @@ class ImportanceProbe:
             self._examples[site].append(per_example.double())
 
     def __enter__(self) -> ImportanceProbe:
-        for site in self.sites:  # check everything before registering anything
-            if self.adapter_name not in self._layers[site.name].lora_B:
-                raise ValueError(f"site {site.name!r} has no LoRA adapter named {self.adapter_name!r}")
-        self._handles.append(self.model.register_forward_pre_hook(self._capture_mask, with_kwargs=True))
-        hooked_b: set[int] = set()
-        for site in self.sites:
+        for site in self.sites:  # check everything before changing anything
             layer = self._layers[site.name]
-            self._handles.append(layer.register_forward_pre_hook(self._enter_site(site)))
-            self._handles.append(layer.register_forward_hook(self._leave_site))
-            lora_b = layer.lora_B[self.adapter_name]
-            if id(lora_b) not in hooked_b:  # a shared lora_B gets one hook, booking to the current site
-                hooked_b.add(id(lora_b))
-                self._handles.append(lora_b.register_forward_hook(self._accumulate))
+            if self.adapter_name not in layer.lora_B:
+                raise ValueError(f"site {site.name!r} has no LoRA adapter named {self.adapter_name!r}")
+            if layer.observer is not None:
+                raise ValueError(f"site {site.name!r} is already observed: one ImportanceProbe at a time")
+        self._handle = self.model.register_forward_pre_hook(self._capture_mask, with_kwargs=True)
+        for site in self.sites:
+            self._layers[site.name].observer = self._observer(site)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        self._current = self._mask = None
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+        for layer in self._layers.values():
+            layer.observer = None
+        self._mask = None
 
     # -- results -----------------------------------------------------------------------------
     def raw_scores(self) -> dict[Site, float]:
@@ -288,19 +275,15 @@ def _check_same_on_every_rank(text: str, device: torch.device) -> None:
         )
 
 
-def _remove_lora(model: PeftModel, requires_grad: dict[str, bool]) -> None:
-    """Puts the original modules back into the model that ``add_lora`` wrapped in place, so a plain
-    model passed to evaluate_importance comes back exactly as it was."""
-    base = model.base_model.model
-    for name, module in list(base.named_modules()):
-        if isinstance(module, (LoraLayer, ModulesToSaveWrapper)):
-            parent, _, child = name.rpartition(".")
-            original = module.get_base_layer() if isinstance(module, LoraLayer) else module.original_module
-            setattr(base.get_submodule(parent), child, original)
+def _unwrap(model: PeftModel, requires_grad: dict[str, bool]) -> None:
+    """Gives back the plain model that ``add_lora`` wrapped in place, exactly as it was: PEFT's
+    unload, with the original (untrained) modules_to_save heads put back and requires_grad restored."""
+    for module in model.modules():
+        if isinstance(module, ModulesToSaveWrapper):
+            module.set_adapter([])  # unload then returns the original module, not the probe-trained copy
+    base = model.unload()
     for name, param in base.named_parameters():
         param.requires_grad_(requires_grad[name])
-    if hasattr(base, "peft_config"):
-        del base.peft_config
 
 
 def evaluate_importance(
@@ -319,8 +302,8 @@ def evaluate_importance(
     ``model`` is a PEFT LoRA model (trained in place; ``apply_plan`` re-initialises it when
     ``cfg.reinit``) or a plain transformers model, which gets LoRA as ``cfg`` says for the probe and
     comes back unchanged (the probe's LoRA weights are kept in the result for ``reinit=False``).
-    Base weights are never updated. ``cfg.fast_path`` trains and measures with loradrop's fast LoRA
-    forward (the model's own setting is restored afterwards). Batches come from ``collate_fn``, else
+    Base weights are never updated. A plain model's probe LoRA takes ``cfg.fast_path``; a PEFT
+    model's sites keep their own setting. Batches come from ``collate_fn``, else
     from a padding collator built on ``tokenizer``, else from transformers' default collator
     (examples of equal length).
 
@@ -332,9 +315,6 @@ def evaluate_importance(
     wrapped = not isinstance(model, PeftModel)
     requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
     peft_model = add_lora(model, cfg) if wrapped else model
-    was_fast = fast_path_enabled(peft_model)
-    if cfg.fast_path:
-        enable_fast_path(peft_model)
     collate = collate_fn or _default_collate(tokenizer)
     try:
         show_progress = show_progress and _world()[1] == 0
@@ -346,9 +326,7 @@ def evaluate_importance(
             lora_state = {n: p.detach().cpu().clone() for n, p in peft_model.named_parameters() if p.requires_grad}
     finally:
         if wrapped:
-            _remove_lora(peft_model, requires_grad)
-        elif not was_fast:
-            disable_fast_path(peft_model)
+            _unwrap(peft_model, requires_grad)
     plan = select(importance, cfg)
     if _distributed():
         _check_same_on_every_rank(plan.to_json(), _device_of(peft_model))

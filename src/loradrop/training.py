@@ -13,7 +13,7 @@ import json
 import math
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from . import __version__
 from .adapter_io import describe_adapter, save_adapter
-from .config import LoraDropConfig, RankDropoutConfig
+from .config import METHODS, LoraDropConfig, RunConfig, run_lora_defaults
 from .importance import ImportanceResult, evaluate_importance
 from .models import load_classifier, tokenize_task
 from .report import atomic_write_bytes, importance_heatmap, output_norm_histograms, results_table, write_json
@@ -39,100 +39,6 @@ from .sites import add_lora, find_sites, site_layers
 from .tasks.metrics import compute_metrics, majority_baseline
 from .tasks.registry import Task, get_task, load_task
 from .tasks.user_data import load_user_task
-
-# method -> (selection strategy or None for plain LoRA, rank dropout on)
-METHODS: dict[str, tuple[str | None, bool]] = {
-    "lora": (None, False),
-    "lora-drop": ("importance", False),
-    "droplora": (None, True),
-    "lora-drop+droplora": ("importance", True),
-    "inverse": ("inverse", False),
-    "random": ("random", False),
-    "top-k": ("top_k", False),
-    "no-share": ("no_share", False),
-}
-
-# LoRA targets by model type: the paper's query/value for encoders
-DEFAULT_TARGETS = {"bert": ["query", "value"], "roberta": ["query", "value"], "llama": ["q_proj", "v_proj"],
-                   "mistral": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"], "gpt2": ["c_attn"]}
-
-
-@dataclass
-class RunConfig:
-    """What one run does. ``task`` names a bundled task, or ``data`` points to a CSV/JSONL file
-    with ``text_column`` / ``label_column`` (and ``text_pair_column``)."""
-
-    output_dir: str
-    method: str = "lora-drop"
-    task: str = "rotten-tomatoes"
-    data: str | None = None
-    text_column: str = "text"
-    text_pair_column: str | None = None
-    label_column: str = "label"
-    model: str = "minilm"
-    dtype: str = "float32"
-    target_modules: list[str] | None = None
-    r: int = 8
-    lora_alpha: float = 16
-    lora_dropout: float = 0.0
-    threshold: float = 0.9
-    sample_ratio: float = 0.1
-    probe_epochs: float = 3.0
-    probe_max_steps: int | None = None
-    probe_batch_size: int = 16
-    rank_dropout: float = 0.5
-    rank_dropout_granularity: str = "token"
-    fast_path: bool = True
-    epochs: float = 3.0
-    max_steps: int | None = None
-    batch_size: int = 32
-    learning_rate: float = 1e-3
-    max_length: int = 128
-    max_train_examples: int | None = None
-    eval_steps: int | None = None
-    seed: int = 0
-    show_progress: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"method={self.method!r} is invalid: must be one of {', '.join(METHODS)}")
-        for name in ("epochs", "learning_rate"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not value > 0:
-                raise ValueError(f"{name}={value!r} is invalid: must be a positive number")
-        for name in ("max_steps", "max_train_examples", "eval_steps"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name}={value!r} is invalid: must be a positive integer or None")
-        for name in ("batch_size", "max_length"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r} is invalid: must be a positive integer")
-        if self.dtype not in ("float32", "bfloat16", "float16", "auto"):
-            raise ValueError(f"dtype={self.dtype!r} is invalid: must be float32, bfloat16, float16 or auto")
-        self.loradrop_config(["query"])  # validates the LoRA-drop fields now, not after loading a model
-        RankDropoutConfig(self.rank_dropout, self.rank_dropout_granularity)
-
-    def loradrop_config(self, target_modules: list[str]) -> LoraDropConfig:
-        strategy, rank_dropout = METHODS[self.method]
-        return LoraDropConfig(
-            target_modules=self.target_modules or target_modules,
-            r=self.r,
-            lora_alpha=self.lora_alpha,
-            lora_dropout=self.lora_dropout,
-            threshold=self.threshold if strategy else 1.0,
-            sample_ratio=self.sample_ratio,
-            probe_epochs=self.probe_epochs,
-            probe_max_steps=self.probe_max_steps,
-            probe_batch_size=self.probe_batch_size,
-            strategy=strategy or "importance",
-            seed=self.seed,
-            rank_dropout=self.rank_dropout if rank_dropout else 0.0,
-            rank_dropout_granularity=self.rank_dropout_granularity,
-            fast_path=self.fast_path,
-        )
-
 
 def _state() -> PartialState:
     """accelerate's view of the launch. Without CUDA, torchrun's processes are CPU ranks (gloo),
@@ -158,15 +64,6 @@ def _limit(dataset: Any, n: int | None, seed: int) -> Any:
     return dataset.shuffle(seed=seed).select(range(n))
 
 
-def _targets(model: torch.nn.Module, cfg: RunConfig) -> list[str]:
-    if cfg.target_modules:
-        return cfg.target_modules
-    model_type = getattr(model.config, "model_type", "")
-    if model_type not in DEFAULT_TARGETS:
-        raise ValueError(f"no default LoRA targets for model type {model_type!r}: pass target_modules, e.g. ['q_proj', 'v_proj']")
-    return DEFAULT_TARGETS[model_type]
-
-
 def _prepare(cfg: RunConfig) -> tuple[Task, Any, Any, Any, Any, LoraDropConfig]:
     """Task, raw and tokenized data, model, tokenizer and LoRA-drop config of a run."""
     task, data = _load_data(cfg)
@@ -174,7 +71,7 @@ def _prepare(cfg: RunConfig) -> tuple[Task, Any, Any, Any, Any, LoraDropConfig]:
     model, tokenizer = load_classifier(cfg.model, task.num_labels, task.label_names, cfg.dtype)
     model.to(_state().device)  # the probe runs before the Trainer would move the model
     tokenized = tokenize_task(data, tokenizer, task, cfg.max_length)
-    return task, data, model, tokenizer, tokenized, cfg.loradrop_config(_targets(model, cfg))
+    return task, data, model, tokenizer, tokenized, cfg.loradrop_config()
 
 
 # -- stage 1 -------------------------------------------------------------------------------------
@@ -377,7 +274,7 @@ def demo_config(out: Path, method: str, steps: int, train_examples: int, seed: i
     lr 1e-3, ``steps`` steps on ``train_examples`` examples; the probe gets 3 epochs on 10 % of them."""
     return RunConfig(output_dir=str(out / f"{method}-seed{seed}"), method=method, task="rotten-tomatoes",
                      model="minilm", max_train_examples=train_examples, max_steps=steps, eval_steps=max(1, steps // 3),
-                     batch_size=32, learning_rate=1e-3, max_length=48, seed=seed)
+                     batch_size=32, learning_rate=1e-3, max_length=48, lora=replace(run_lora_defaults(), seed=seed))
 
 
 def run_demo(out: Path, steps: int = 300, train_examples: int = 6400, seed: int = 0,
