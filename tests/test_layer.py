@@ -279,6 +279,18 @@ def test_deepcopy_pickle_and_compile_keep_the_outputs(tmp_path, fast_calls):
         assert rel(compiled(**batch).logits, want) <= 1e-6
 
 
+def test_outside_the_tested_versions_every_call_is_peft(monkeypatch, fast_calls):
+    model = planned_llama()
+    batch = padded_batch()
+    with torch.no_grad():
+        want = model(**batch).logits
+    calls = len(fast_calls)
+    monkeypatch.setattr("loradrop.layer.FAST_PATH_SUPPORTED", False)
+    with torch.no_grad():
+        assert rel(model(**batch).logits, want) <= 1e-6
+    assert len(fast_calls) == calls
+
+
 def test_a_peft_internal_that_is_missing_means_peft_forward(monkeypatch, fast_calls):
     """A PEFT release that keeps ``merged_adapters`` elsewhere than the instance: the fast path cannot
     read it, so every site runs PEFT's own forward (with the same outputs), instead of raising."""
