@@ -40,7 +40,7 @@ from .config import LoraDropConfig, RankDropoutConfig
 from .rank_dropout import add_rank_dropout, rank_dropout_of
 from .selection import Plan
 from .sharing import CONFIG_ATTR, PLAN_ATTR, restructure, shared_groups
-from .sites import PEFT_PREFIX, find_sites, lora_layers
+from .sites import PEFT_PREFIX, find_sites, set_on_sites
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "adapter_config.json"
@@ -270,8 +270,7 @@ def load_adapter(base_model: nn.Module, path: str | os.PathLike) -> PeftModel:
         restructure(model, plan, adapter)
     if cfg is not None:
         setattr(model, CONFIG_ATTR, cfg)
-        for layer in lora_layers(model).values():
-            layer.fast_path = cfg.fast_path
+        set_on_sites(model, fast_path=cfg.fast_path)
     shared = section.get("shared") or {}
     full = _expand(weights, shared)
     _check_keys_and_shapes(model, weights, full, shared)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch.nn as nn
 
 from .config import RankDropoutConfig
-from .sites import lora_layers
+from .sites import lora_layers, set_on_sites
 
 
 def add_rank_dropout(
@@ -35,16 +35,12 @@ def add_rank_dropout(
                 f"rank dropout on DoRA site {name!r} is not supported (the DropLoRA authors skip the mask "
                 "with DoRA); use plain LoRA (use_dora=False) or rank_dropout=0"
             )
-    for layer in layers.values():
-        layer.rank_dropout = cfg
-    return model
+    return set_on_sites(model, rank_dropout=cfg)
 
 
 def remove_rank_dropout(model: nn.Module) -> nn.Module:
     """Switches the rank mask off, leaving a plain PEFT model's behaviour. Returns the model."""
-    for layer in lora_layers(model).values():
-        layer.rank_dropout = None
-    return model
+    return set_on_sites(model, rank_dropout=None)
 
 
 def rank_dropout_of(model: nn.Module) -> RankDropoutConfig | None:

@@ -143,24 +143,26 @@ def add_lora(model: nn.Module, cfg: LoraDropConfig) -> PeftModel:
             f"target_modules={cfg.target_modules!r} match no module of {type(model).__name__}; "
             f"its layers with a weight matrix are named {leaves}"
         ) from None
-    for layer in lora_layers(peft_model).values():
-        layer.fast_path = cfg.fast_path
-    return peft_model
+    return set_on_sites(peft_model, fast_path=cfg.fast_path)
+
+
+def set_on_sites(model: nn.Module, **settings: object) -> nn.Module:
+    """Sets ``LoraDropLinear`` attributes (``fast_path``, ``rank_dropout``) on every LoRA site."""
+    for layer in lora_layers(model).values():
+        for name, value in settings.items():
+            setattr(layer, name, value)
+    return model
 
 
 def enable_fast_path(model: nn.Module) -> nn.Module:
     """Gives every LoRA site of a PEFT model loradrop's fused forward (each call falls back to PEFT's
     own where it does not apply). Returns the model."""
-    for layer in lora_layers(model).values():
-        layer.fast_path = True
-    return model
+    return set_on_sites(model, fast_path=True)
 
 
 def disable_fast_path(model: nn.Module) -> nn.Module:
     """Every LoRA site runs PEFT's own forward. Returns the model."""
-    for layer in lora_layers(model).values():
-        layer.fast_path = False
-    return model
+    return set_on_sites(model, fast_path=False)
 
 
 def fast_path_enabled(model: nn.Module) -> bool:
