@@ -9,6 +9,7 @@ improves), ``best.json``, the report figures and finally ``results.json``. A run
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import platform
@@ -25,14 +26,15 @@ from accelerate.utils import DistributedType
 from accelerate.utils import set_seed as seed_per_rank
 from peft import PeftModel
 from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments, set_seed
-from transformers.trainer_utils import get_last_checkpoint
 
 from . import __version__
 from .adapter_io import describe_adapter, save_adapter
-from .config import LoraDropConfig, RankDropoutConfig
+from .config import LoraDropConfig, RankDropoutConfig, _check_number
 from .importance import ImportanceResult, evaluate_importance
 from .models import load_classifier, tokenize_task
-from .report import atomic_write_bytes, importance_heatmap, output_norm_histograms, results_table, write_json
+from .adapter_io import atomic_write_bytes, write_json
+from .report import importance_heatmap, output_norm_histograms, results_table
+from . import run_dir
 from .selection import Plan, select
 from .sharing import apply_plan, lora_parameter_count
 from .sites import add_lora, find_sites, site_layers
@@ -99,8 +101,8 @@ class RunConfig:
             raise ValueError(f"method={self.method!r} is invalid: must be one of {', '.join(METHODS)}")
         for name in ("epochs", "learning_rate"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not value > 0:
-                raise ValueError(f"{name}={value!r} is invalid: must be a positive number")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                raise ValueError(f"{name}={value!r} is invalid: must be a finite positive number")
         for name in ("max_steps", "max_train_examples", "eval_steps"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
@@ -112,6 +114,7 @@ class RunConfig:
         if self.dtype not in ("float32", "bfloat16", "float16", "auto"):
             raise ValueError(f"dtype={self.dtype!r} is invalid: must be float32, bfloat16, float16 or auto")
         self.loradrop_config(["query"])  # validates the LoRA-drop fields now, not after loading a model
+        _check_number("threshold", self.threshold, 0.0, 1.0, lo_open=True, hi_open=False)  # even where unused
         RankDropoutConfig(self.rank_dropout, self.rank_dropout_granularity)
 
     def loradrop_config(self, target_modules: list[str]) -> LoraDropConfig:
@@ -297,14 +300,29 @@ def run(cfg: RunConfig, importance_from: Path | None = None) -> dict[str, Any]:
     """Runs (or resumes, or returns the finished) run in ``cfg.output_dir``; returns results.json's
     content. ``importance_from`` reuses another run's probe (same data, model and seed)."""
     out = Path(cfg.output_dir)
+    had_config = run_dir.check_run_dir(out, asdict(cfg))  # a rerun resumes only the same run
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    locked = False
+    try:
+        with run_dir.exclusive_lock(out / run_dir.LOCK_FILE, out) if _is_main() else contextlib.nullcontext():
+            locked = True
+            had_config = run_dir.check_run_dir(out, asdict(cfg))  # again, now that this process holds it
+            return _run_locked(cfg, out, importance_from, had_config or not _is_main())
+    except Exception:
+        if locked and _is_main():  # after the lock is released: its file is gone
+            run_dir.remove_if_unused(out, created, not had_config)
+        raise
+
+
+def _run_locked(cfg: RunConfig, out: Path, importance_from: Path | None, had_config: bool) -> dict[str, Any]:
     results_file = out / "results.json"
     if results_file.exists():
         return json.loads(results_file.read_text())
-    out.mkdir(parents=True, exist_ok=True)
-    if _is_main():
-        write_json(asdict(cfg), out / "run_config.json")
     set_seed(cfg.seed)
     task, data, model, tokenizer, tokenized, ld_cfg = _prepare(cfg)
+    if not had_config:  # written once the data and the model loaded: a run that cannot start leaves none
+        write_json(asdict(cfg), out / run_dir.RUN_CONFIG)
 
     start = time.perf_counter()
     peft_model = add_lora(model, ld_cfg)  # the probe trains this LoRA; apply_plan re-initialises it
@@ -323,13 +341,16 @@ def run(cfg: RunConfig, importance_from: Path | None = None) -> dict[str, Any]:
         callbacks=[keep_best := _KeepBest(out)],
     )
     seed_per_rank(cfg.seed, device_specific=True)  # rank-dropout masks differ by rank, reproducibly
-    checkpoint = get_last_checkpoint(str(out / "checkpoints")) if (out / "checkpoints").is_dir() else None
+    checkpoint = run_dir.newest_complete_checkpoint(out / "checkpoints", set_aside=_is_main())
     train_start = time.perf_counter()
     trainer.train(resume_from_checkpoint=checkpoint)
     if trainer.state.global_step % trainer.args.eval_steps:  # the last steps were not evaluated yet
         trainer.evaluate()
     train_seconds = time.perf_counter() - train_start
     _state().wait_for_everyone()  # the main process has written the best adapter
+    if keep_best.best is None:
+        raise ValueError(f"every evaluation of {out} gave {task.metric} = nan (the model's predictions did not vary), "
+                         "so no adapter was kept: train longer or with another learning rate, or check the labels")
 
     adapter = describe_adapter(out / "adapter")
     results = {
