@@ -224,9 +224,13 @@ def _safetensors_ok(file: Path) -> bool:
 
 
 def checkpoint_problem(folder: Path) -> str | None:
-    """What is missing or broken in a Trainer checkpoint (as ``Trainer._save_checkpoint`` writes it:
-    the weights, ``optimizer.pt``, ``scheduler.pt``, ``rng_state[_rank].pth``, then
-    ``trainer_state.json``), or None when it is complete."""
+    """What is missing or broken in a Trainer checkpoint (as transformers 5's
+    ``Trainer._save_checkpoint`` writes it, in this order: the weights, ``optimizer.pt``,
+    ``scheduler.pt``, ``rng_state[_rank].pth``, then ``trainer_state.json``; FSDP's weight and
+    optimizer files and folders are accepted too), or None when it is complete. Files written by
+    ``torch.save`` are zip archives whose directory comes last, so a cut-short one does not open;
+    safetensors files must be as long as their header says. Checkpoints saved with
+    ``save_only_model`` (no optimizer) count as incomplete: the Trainer cannot resume from them."""
     try:
         state = json.loads((folder / "trainer_state.json").read_text())
         step = int(_CHECKPOINT.match(folder.name).group(1))
@@ -235,13 +239,20 @@ def checkpoint_problem(folder: Path) -> str | None:
     except (OSError, ValueError, AttributeError):
         return "trainer_state.json is missing or unreadable"
     weights = [folder / n for n in ("adapter_model.safetensors", "model.safetensors") if (folder / n).is_file()]
-    if not weights:
+    pickled = [folder / n for n in ("adapter_model.bin", "pytorch_model.bin", "pytorch_model_fsdp.bin")
+               if (folder / n).is_file()]
+    sharded = [p for p in folder.glob("pytorch_model_fsdp_*") if p.is_dir()]  # FSDP's sharded state dict
+    if not (weights or pickled or sharded):
         return "the model weights are missing"
-    if not all(_safetensors_ok(w) for w in weights):
+    if not (all(_safetensors_ok(w) for w in weights) and all(_zip_ok(w) for w in pickled)):
         return "the model weights are truncated"
-    for name in ("optimizer.pt", "scheduler.pt"):
-        if not _zip_ok(folder / name):
-            return f"{name} is missing or truncated"
+    optimizer = [folder / n for n in ("optimizer.pt", "optimizer.bin") if (folder / n).is_file()]  # .bin: FSDP
+    if not optimizer and not any(p.is_dir() for p in folder.glob("optimizer_*")):
+        return "optimizer.pt is missing"
+    if not all(_zip_ok(f) for f in optimizer):
+        return f"{optimizer[0].name} is truncated"
+    if not _zip_ok(folder / "scheduler.pt"):
+        return "scheduler.pt is missing or truncated"
     rng = sorted(folder.glob("rng_state*.pth"))
     if not rng or not all(_zip_ok(f) for f in rng):
         return "the random-number state is missing or truncated"
