@@ -27,14 +27,12 @@ from accelerate.utils import set_seed as seed_per_rank
 from peft import PeftModel
 from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments, set_seed
 
-from . import __version__
-from .adapter_io import describe_adapter, save_adapter
+from . import __version__, run_dir
+from .adapter_io import atomic_write_bytes, describe_adapter, save_adapter, write_json
 from .config import LoraDropConfig, RankDropoutConfig, _check_number
 from .importance import ImportanceResult, evaluate_importance
 from .models import load_classifier, tokenize_task
-from .adapter_io import atomic_write_bytes, write_json
 from .report import importance_heatmap, output_norm_histograms, results_table
-from . import run_dir
 from .selection import Plan, select
 from .sharing import apply_plan, lora_parameter_count
 from .sites import add_lora, find_sites, site_layers
