@@ -83,6 +83,16 @@ def test_another_method_on_a_finished_run_is_refused(finished, model_dir):
     assert run(dataclasses.replace(tiny_run(out, model_dir, method="lora-drop"), show_progress=True)) == results
 
 
+def test_settings_that_do_not_change_results_may_change():
+    from loradrop.run_dir import run_config_differences
+
+    stored = {"method": "lora", "show_progress": True, "output_dir": "a", "extra": {"warmup_steps": [1], "logging_steps": 3}}
+    assert run_config_differences(stored, {**stored, "show_progress": False, "output_dir": "b",
+                                           "extra": {"warmup_steps": (1,), "logging_steps": 9}}) == []
+    assert run_config_differences(stored, {**stored, "extra": {"warmup_steps": [2]}}) == [
+        "extra {'warmup_steps': [1]} there, {'warmup_steps': [2]} now"]
+
+
 def test_run_files_without_a_run_config_are_not_resumed(tmp_path, model_dir):
     (tmp_path / "run" / "checkpoints" / "checkpoint-2").mkdir(parents=True)
     with pytest.raises(ValueError, match="holds run files \\(checkpoints\\) but no run_config.json"):

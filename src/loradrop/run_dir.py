@@ -157,6 +157,7 @@ def comparable(config: dict[str, Any]) -> dict[str, Any]:
 
 def run_config_differences(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """``name: stored there, current now`` for every setting that changes results and differs."""
+    current = json.loads(json.dumps(current, default=str))  # as run_config.json holds it: tuples are lists
     before, now = comparable(stored), comparable(current)
     return [f"{k} {before.get(k, '(unset)')!r} there, {now.get(k, '(unset)')!r} now"
             for k in sorted(set(before) | set(now)) if before.get(k, "(unset)") != now.get(k, "(unset)")]
