@@ -84,6 +84,7 @@ def test_export_onto_the_recorded_base(tmp_path, adapter):
     (["train", "--out", "{tmp}/r", "--data", "{tmp}/missing.csv"], "missing.csv"),
     (["train", "--out", "{tmp}/r", "--data", "{tmp}/d.csv", "--label-column", "y"], "'y'"),
     (["compare", "{tmp}"], "has no results.json"),
+    (["importance", "--out", "{tmp}/d.csv"], "exists and is not a directory"),
 ])
 def test_bad_input_exits_2_with_one_line(tmp_path, args, message):
     (tmp_path / "d.csv").write_text("text,label\nfine film,pos\nawful,neg\n")

@@ -6,12 +6,14 @@ and one line on stderr that says what to fix; typer's own usage errors do the sa
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import json
 import sys
 import typing
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import MISSING, asdict
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -22,6 +24,7 @@ from rich.table import Table
 
 from . import __version__
 from .config import LoraDropConfig, RunConfig, cli_fields, run_lora_defaults
+from .run_dir import DirectoryInUse
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="LoRA-drop and DropLoRA on PEFT models.")
@@ -73,12 +76,32 @@ def _fail_cleanly(command: Callable) -> Callable:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return command(*args, **kwargs)
-        except (ValueError, ImportError, FileNotFoundError) as err:
+        except (ValueError, ImportError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+                DirectoryInUse) as err:
             message = str(err).splitlines()[0] if str(err) else type(err).__name__
             print(f"error: {message}", file=sys.stderr)
             raise typer.Exit(2) from None
 
     return wrapper
+
+
+@contextlib.contextmanager
+def _quiet_loading() -> Iterator[None]:
+    """transformers' load report, its loading progress bar and Python warnings would bury the command
+    line's one-line error."""
+    import transformers
+
+    level, bars = transformers.logging.get_verbosity(), transformers.logging.is_progress_bar_enabled()
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        transformers.logging.set_verbosity(level)
+        if bars:
+            transformers.logging.enable_progress_bar()
 
 
 def _print_rows(rows: list[dict[str, Any]], title: str) -> None:
@@ -185,12 +208,19 @@ def export(
     adapter: Annotated[Path, typer.Argument(help="a compact loradrop adapter directory")],
     out: Annotated[Path, typer.Argument(help="where the standard PEFT adapter goes")],
     base_model: Annotated[Optional[str], typer.Option(help="base model folder / hub id (default: the recorded one)")] = None,
+    force: Annotated[bool, typer.Option("--force", help="replace OUT even when it is not an adapter loradrop wrote "
+                                        "(never the current directory, its ancestors or the source)")] = False,
 ) -> None:
-    """Write the adapter in the standard PEFT format (shared weights per site), for serving."""
-    from .adapter_io import export_peft, load_adapter, load_base_model
+    """Write the adapter in the standard PEFT format (shared weights per site), for serving. An
+    existing OUT is replaced only when loradrop wrote it (or with --force)."""
+    from .adapter_io import export_peft, is_loradrop_output, load_adapter, load_base_model
+    from .run_dir import check_replaceable, target_lock
 
-    model = load_adapter(load_base_model(adapter, base_model), adapter)
-    export_peft(model, out)
+    check_replaceable(out, force, is_loradrop_output, protect=(adapter,), how="pass --force")  # before the slow load
+    with target_lock(out) if out.parent.is_dir() else contextlib.nullcontext():
+        with _quiet_loading():
+            model = load_adapter(load_base_model(adapter, base_model), adapter)
+        export_peft(model, out, overwrite=force, protect=(adapter,))
     console.print(f"exported {adapter} -> {out} (loads with peft.PeftModel.from_pretrained)")
 
 

@@ -1,16 +1,21 @@
 """LoRA-drop's first stage: how much each site's LoRA changes its layer's output.
 
 Per site, g = sum over probe tokens of ||Delta W x||^2, with Delta W x = scaling * B A x the LoRA
-branch output (PEFT's scaling included), padding excluded. Each site's ``observer`` slot
-(``layer.LoraDropLinear``) is given the hidden h = A x (r values per token) on either forward path,
-and the probe computes ||s B h||^2 = s^2 h^T (B^T B) h: r-wide work per token, never a copy of the
-d_out-wide output. The sums stay on the device in float64 until ``scores()``, so the probe never
-syncs with the host. The observer belongs to the site, so a shared LoRA is booked per site.
+branch output (PEFT's scaling included), padding excluded: the forward's ``attention_mask`` (by
+keyword or position) masks the input tokens; at decoder sites of an encoder-decoder model the
+``decoder_attention_mask`` (else ``labels != -100``) does, and cross-attention keys and values use the
+encoder's mask. A forward without a mask counts every token; a mask whose shape does not fit a site's
+tokens is an error. Each site's ``observer`` slot (``layer.LoraDropLinear``) is given the hidden
+h = A x (r values per token) on either forward path, and the probe computes
+||s B h||^2 = s^2 h^T (B^T B) h: r-wide work per token, never a copy of the d_out-wide output. The sums
+stay on the device in float64 until ``scores()``, so the probe never syncs with the host. The observer
+belongs to the site, so a shared LoRA is booked per site.
 """
 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import itertools
 import math
 from collections.abc import Callable, Iterator, Mapping
@@ -32,6 +37,39 @@ from .sites import Site, add_lora, find_sites, lora_layers, sites_by_type
 from .tasks.sampling import stratified_sample
 
 
+_CROSS_ATTENTION = ("EncDecAttention", "encoder_attn", "crossattention", "cross_attn")
+_KEYS_VALUES = ("k", "v", "k_proj", "v_proj", "key", "value")
+
+
+def _reads_decoder_tokens(site_name: str) -> bool:
+    """For an encoder-decoder model: whether a site's input is the decoder's tokens (decoder layers,
+    except the keys and values of cross-attention, which project the encoder's output)."""
+    parts = site_name.split(".")
+    if "decoder" not in parts:
+        return False
+    return not (any(p in _CROSS_ATTENTION for p in parts) and parts[-1] in _KEYS_VALUES)
+
+
+def _named_inputs(module: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """A forward's arguments by name, positional ones bound to the model's signature (a PEFT wrapper
+    taking ``*args`` is bound to its base model's)."""
+    if not args:
+        return kwargs
+    forward = module.forward
+    params = inspect.signature(forward).parameters.values()
+    if any(p.kind is p.VAR_POSITIONAL for p in params) and hasattr(module, "get_base_model"):
+        forward = module.get_base_model().forward
+    try:
+        bound = inspect.signature(forward).bind_partial(*args, **kwargs)
+    except TypeError:
+        return kwargs
+    named = dict(bound.arguments)
+    for name, param in inspect.signature(forward).parameters.items():
+        if param.kind is param.VAR_KEYWORD:
+            named.update(named.pop(name, {}))
+    return named
+
+
 class ImportanceProbe:
     """Context manager: while active, accumulates g = sum ||Delta W x||^2 per site.
 
@@ -47,6 +85,9 @@ class ImportanceProbe:
         self._layers = lora_layers(model)
         self._handle: torch.utils.hooks.RemovableHandle | None = None
         self._mask: torch.Tensor | None = None
+        self._decoder_mask: torch.Tensor | None = None
+        encoder_decoder = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+        self._site_reads_decoder = {s: encoder_decoder and _reads_decoder_tokens(s.name) for s in self.sites}
         self.reset()
 
     def reset(self) -> None:
@@ -54,8 +95,38 @@ class ImportanceProbe:
         self._examples: dict[Site, list[torch.Tensor]] = {s: [] for s in self.sites}
 
     def _capture_mask(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        mask = kwargs.get("attention_mask")
+        """The padding masks of this forward, whether passed by keyword or position: ``attention_mask``
+        for the (encoder's) input tokens and, for an encoder-decoder model, ``decoder_attention_mask``
+        -- or, without it, the positions whose ``labels`` are not -100, which is what the decoder's
+        input is shifted from when ``decoder_input_ids`` are not given."""
+        inputs = _named_inputs(module, args, kwargs)
+        mask = inputs.get("attention_mask")
         self._mask = mask.float() if isinstance(mask, torch.Tensor) else None
+        decoder = inputs.get("decoder_attention_mask")
+        labels = inputs.get("labels")
+        if (decoder is None and inputs.get("decoder_input_ids") is None and isinstance(labels, torch.Tensor)
+                and labels.dim() == 2):
+            decoder = labels != -100
+        self._decoder_mask = decoder.float() if isinstance(decoder, torch.Tensor) else None
+
+    def _mask_of(self, site: Site, per_token: torch.Tensor) -> torch.Tensor | None:
+        """The mask of the tokens ``site`` saw: the decoder's for decoder sites of an encoder-decoder
+        model, except cross-attention keys and values, which read the encoder's tokens. None (every
+        token counts) when the forward got no mask. A mask that does not fit the site's tokens is an
+        error rather than padding silently counted."""
+        mask = self._decoder_mask if self._site_reads_decoder[site] else self._mask
+        if mask is None:
+            return None
+        if mask.shape != per_token.shape:
+            if mask.numel() != per_token.numel():
+                which = "decoder_attention_mask" if self._site_reads_decoder[site] else "attention_mask"
+                raise ValueError(
+                    f"the {which} of this batch has shape {tuple(mask.shape)} but site {site.name!r} saw tokens of "
+                    f"shape {tuple(per_token.shape)}: the probe cannot tell its padding apart; pass the mask of "
+                    "the tokens this site reads"
+                )
+            mask = mask.reshape(per_token.shape)
+        return mask
 
     def _observer(self, site: Site) -> Callable[[torch.Tensor], None]:
         lora_b = self._layers[site.name].lora_B[self.adapter_name]
@@ -73,8 +144,8 @@ class ImportanceProbe:
         return observe
 
     def _book(self, site: Site, per_token: torch.Tensor) -> None:
-        mask = self._mask
-        if mask is not None and mask.shape == per_token.shape:
+        mask = self._mask_of(site, per_token)
+        if mask is not None:
             per_token = per_token * mask
         total = per_token.sum(dtype=torch.float64)
         self._sums[site] = self._sums[site] + total if site in self._sums else total
@@ -100,7 +171,7 @@ class ImportanceProbe:
             self._handle = None
         for layer in self._layers.values():
             layer.observer = None
-        self._mask = None
+        self._mask = self._decoder_mask = None
 
     # -- results -----------------------------------------------------------------------------
     def raw_scores(self) -> dict[Site, float]:

@@ -9,8 +9,10 @@ improves), ``best.json``, the report figures and finally ``results.json``. A run
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import platform
 import time
 from dataclasses import asdict, replace
@@ -25,14 +27,13 @@ from accelerate.utils import DistributedType
 from accelerate.utils import set_seed as seed_per_rank
 from peft import PeftModel
 from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments, set_seed
-from transformers.trainer_utils import get_last_checkpoint
 
-from . import __version__
-from .adapter_io import describe_adapter, save_adapter
+from . import __version__, run_dir
+from .adapter_io import atomic_write_bytes, describe_adapter, save_adapter, write_json
 from .config import METHODS, LoraDropConfig, RunConfig, run_lora_defaults
 from .importance import ImportanceResult, evaluate_importance
 from .models import load_classifier, tokenize_task
-from .report import atomic_write_bytes, importance_heatmap, output_norm_histograms, results_table, write_json
+from .report import importance_heatmap, output_norm_histograms, results_table
 from .selection import Plan, select
 from .sharing import apply_plan, lora_parameter_count
 from .sites import add_lora, find_sites, site_layers
@@ -194,14 +195,29 @@ def run(cfg: RunConfig, importance_from: Path | None = None) -> dict[str, Any]:
     """Runs (or resumes, or returns the finished) run in ``cfg.output_dir``; returns results.json's
     content. ``importance_from`` reuses another run's probe (same data, model and seed)."""
     out = Path(cfg.output_dir)
+    had_config = run_dir.check_run_dir(out, asdict(cfg))  # a rerun resumes only the same run
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    locked = False
+    try:
+        with run_dir.exclusive_lock(out / run_dir.LOCK_FILE, out) if _is_main() else contextlib.nullcontext():
+            locked = True
+            had_config = run_dir.check_run_dir(out, asdict(cfg))  # again, now that this process holds it
+            return _run_locked(cfg, out, importance_from, had_config or not _is_main())
+    except Exception:
+        if locked and _is_main():  # after the lock is released: its file is gone
+            run_dir.remove_if_unused(out, created, not had_config)
+        raise
+
+
+def _run_locked(cfg: RunConfig, out: Path, importance_from: Path | None, had_config: bool) -> dict[str, Any]:
     results_file = out / "results.json"
     if results_file.exists():
         return json.loads(results_file.read_text())
-    out.mkdir(parents=True, exist_ok=True)
-    if _is_main():
-        write_json(asdict(cfg), out / "run_config.json")
     set_seed(cfg.seed)
     task, data, model, tokenizer, tokenized, ld_cfg = _prepare(cfg)
+    if not had_config:  # written once the data and the model loaded: a run that cannot start leaves none
+        write_json(asdict(cfg), out / run_dir.RUN_CONFIG)
 
     start = time.perf_counter()
     peft_model = add_lora(model, ld_cfg)  # the probe trains this LoRA; apply_plan re-initialises it
@@ -220,13 +236,16 @@ def run(cfg: RunConfig, importance_from: Path | None = None) -> dict[str, Any]:
         callbacks=[keep_best := _KeepBest(out)],
     )
     seed_per_rank(cfg.seed, device_specific=True)  # rank-dropout masks differ by rank, reproducibly
-    checkpoint = get_last_checkpoint(str(out / "checkpoints")) if (out / "checkpoints").is_dir() else None
+    checkpoint = run_dir.newest_complete_checkpoint(out / "checkpoints", set_aside=_is_main())
     train_start = time.perf_counter()
     trainer.train(resume_from_checkpoint=checkpoint)
     if trainer.state.global_step % trainer.args.eval_steps:  # the last steps were not evaluated yet
         trainer.evaluate()
     train_seconds = time.perf_counter() - train_start
     _state().wait_for_everyone()  # the main process has written the best adapter
+    if keep_best.best is None:
+        raise ValueError(f"every evaluation of {out} gave {task.metric} = nan (the model's predictions did not vary), "
+                         "so no adapter was kept: train longer or with another learning rate, or check the labels")
 
     adapter = describe_adapter(out / "adapter")
     results = {
@@ -258,11 +277,16 @@ def run(cfg: RunConfig, importance_from: Path | None = None) -> dict[str, Any]:
 
 
 def probe(cfg: RunConfig) -> dict[str, Any]:
-    """LoRA-drop's stage 1 alone: probe, plan, heatmap and histograms in ``cfg.output_dir``."""
+    """LoRA-drop's stage 1 alone: probe, plan, heatmap and histograms in ``cfg.output_dir`` (locked
+    against a second process, like a run directory)."""
     out = Path(cfg.output_dir)
-    set_seed(cfg.seed)
-    _, _, model, tokenizer, tokenized, ld_cfg = _prepare(cfg)
-    return _probe_and_record(model, tokenized["train"], tokenizer, cfg, ld_cfg, out)
+    if os.path.lexists(out) and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a directory: pick another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    with run_dir.exclusive_lock(out / run_dir.LOCK_FILE, out) if _is_main() else contextlib.nullcontext():
+        set_seed(cfg.seed)
+        _, _, model, tokenizer, tokenized, ld_cfg = _prepare(cfg)
+        return _probe_and_record(model, tokenized["train"], tokenizer, cfg, ld_cfg, out)
 
 
 # -- the demo ------------------------------------------------------------------------------------
