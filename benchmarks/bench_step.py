@@ -35,7 +35,7 @@ import loradrop  # noqa: E402
 from loradrop import (  # noqa: E402
     LoraDropConfig, Plan, apply_plan, disable_fast_path, enable_fast_path, find_sites,
 )
-from loradrop import fast_path  # noqa: E402
+from loradrop import layer as ld_layer  # noqa: E402
 from loradrop.sites import site_layers  # noqa: E402
 
 SHAPES = {
@@ -187,10 +187,10 @@ def run_variant(base, v: Variant, batch, r, warmup, steps, results, optimizer: s
 
 def diagnose(layer, x) -> dict:
     base, a, b = layer.base_layer, layer.lora_A["default"], layer.lora_B["default"]
-    return {"plain": [fast_path._plain_linear(m) for m in (base, a, b)], "global_hooks": fast_path._global_hooks(),
+    return {"plain": [ld_layer._plain_linear(m) for m in (base, a, b)], "global_hooks": ld_layer._global_hooks(),
             "hooks": [dict(m._forward_hooks) for m in (base, a, b)], "active": layer.active_adapters,
             "merged": layer.merged, "disabled": layer.disable_adapters, "dtypes": [x.dtype, base.weight.dtype,
-            a.weight.dtype, b.weight.dtype], "forward": layer.__dict__.get("forward")}
+            a.weight.dtype, b.weight.dtype], "class": type(layer).__name__, "supported": ld_layer.FAST_PATH_SUPPORTED}
 
 
 class _GivenDropout(torch.nn.Module):
@@ -228,7 +228,7 @@ def check_numbers(shape: str, tokens: int, r: int) -> list[dict]:
             xi = x.clone().requires_grad_()
             torch.manual_seed(0)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=adapters == "fp32"):
-                if fast and fast_path._fast_call(layer, x) is None:
+                if fast and layer._fast_spec(x) is None:
                     raise RuntimeError(f"the fast path does not apply to the checked layer: {diagnose(layer, x)}")
                 if own_draw is not None:  # PEFT drops a float32 copy of x: a different draw, so give it ours
                     layer.lora_dropout["default"] = _GivenDropout(own_draw, dropout)

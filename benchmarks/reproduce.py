@@ -36,12 +36,13 @@ def run_group(jobs: list[dict]) -> list[str]:
     """Runs a list of (config, importance_from) jobs in order in one process; returns run dirs."""
     import torch
 
-    from loradrop.training import RunConfig, probe, run
+    from loradrop.config import RunConfig
+    from loradrop.training import probe, run
 
     torch.set_num_threads(1)
     done = []
     for job in jobs:
-        cfg = RunConfig(**job["config"])
+        cfg = RunConfig.from_options(dict(job["config"]))
         if job.get("probe_only"):
             if not (Path(cfg.output_dir) / "importance.json").exists():
                 probe(cfg)

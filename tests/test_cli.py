@@ -10,6 +10,7 @@ import loradrop
 from conftest import randomize_lora, save_tiny_bert_dir, tiny_bert
 from loradrop import LoraDropConfig, Plan, apply_plan, save_adapter
 from loradrop.cli import app
+from loradrop.config import RunConfig, cli_fields
 
 runner = CliRunner()
 
@@ -27,6 +28,26 @@ def assert_bad_input(result, message):
 def test_version():
     result = invoke("version")
     assert result.exit_code == 0 and result.stdout.strip() == loradrop.__version__
+
+
+def option_names(command):
+    """The long options a command's --help lists (rich may cut a long name short with an ellipsis)."""
+    result = CliRunner(env={"COLUMNS": "250"}).invoke(app, [command, "--help"])
+    assert result.exit_code == 0, result.output
+    return {word.strip("│,") for word in result.stdout.split() if word.startswith("--")}
+
+
+def test_train_and_importance_options_are_the_config_fields():
+    """A field added to RunConfig or LoraDropConfig (with cli metadata) is an option of both commands,
+    except that the probe-only command leaves out what only training uses."""
+    fields = [f.name for cls in (RunConfig, LoraDropConfig) for f in cli_fields(cls)]
+    flag = {name: "--out" if name == "output_dir" else "--" + name.replace("_", "-") for name in fields}
+    train, importance = option_names("train"), option_names("importance")
+    assert set(flag.values()) <= train and "--importance-from" in train
+    training_only = {"method", "epochs", "max_steps", "batch_size", "learning_rate", "eval_steps", "reinit",
+                     "rank_dropout", "rank_dropout_granularity", "rank_dropout_rescale"}
+    assert {flag[n] for n in fields if n not in training_only} <= importance
+    assert not {flag[n] for n in training_only} & importance
 
 
 @pytest.fixture
@@ -63,6 +84,7 @@ def test_export_onto_the_recorded_base(tmp_path, adapter):
     (["train", "--out", "{tmp}/r", "--data", "{tmp}/missing.csv"], "missing.csv"),
     (["train", "--out", "{tmp}/r", "--data", "{tmp}/d.csv", "--label-column", "y"], "'y'"),
     (["compare", "{tmp}"], "has no results.json"),
+    (["importance", "--out", "{tmp}/d.csv"], "exists and is not a directory"),
 ])
 def test_bad_input_exits_2_with_one_line(tmp_path, args, message):
     (tmp_path / "d.csv").write_text("text,label\nfine film,pos\nawful,neg\n")

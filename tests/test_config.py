@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from loradrop import LoraDropConfig, RankDropoutConfig
+from loradrop import LoraDropConfig, select
 
 BAD_FIELDS = [
     ("target_modules", []),
@@ -45,10 +45,10 @@ def test_invalid_field_names_field_and_value(field, value):
     assert repr(value) in str(err.value)
 
 
-def test_defaults_follow_the_paper():
-    cfg = LoraDropConfig(target_modules=["query", "value"])
-    assert (cfg.r, cfg.threshold, cfg.sample_ratio, cfg.probe_epochs, cfg.strategy) == (8, 0.9, 0.1, 3.0, "importance")
-    assert cfg.reinit and cfg.rank_dropout == 0.0
+def test_the_default_config_keeps_layers_until_ninety_percent():
+    """The paper's rule with the default T: most important first until the cumulative share reaches 0.9."""
+    plan = select({"query": {0: 0.05, 1: 0.5, 2: 0.3, 3: 0.15}}, LoraDropConfig())
+    assert plan.retained == {"query": [1, 2, 3]} and plan.others == "shared"
 
 
 def test_dict_round_trip_and_unknown_fields():
@@ -56,9 +56,3 @@ def test_dict_round_trip_and_unknown_fields():
     assert LoraDropConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="unknown LoraDropConfig fields \\['rank'\\]"):
         LoraDropConfig.from_dict({"target_modules": ["q"], "rank": 4})
-
-
-def test_rank_dropout_config_default_is_the_authors_code():
-    rd = RankDropoutConfig()
-    assert (rd.p, rd.granularity, rd.rescale) == (0.5, "token", True)
-    assert LoraDropConfig(target_modules=["q"], rank_dropout=0.2).rank_dropout_config.p == 0.2

@@ -11,22 +11,21 @@ from loradrop.sites import add_lora, lora_layers
 
 
 def record_masks(model):
-    """Per lora_A call: the kept entries of the hidden and their ratio to the unmasked hidden, seen
-    by a hook that runs after the rank mask."""
-    calls = []
+    """Per site call: the kept entries of the hidden and their ratio to the unmasked hidden. A hook on
+    lora_A records the unmasked hidden; the site's observer slot is given the masked one."""
+    calls, unmasked = [], []
     seen = set()
     for layer in lora_layers(model).values():
         lora_a = layer.lora_A["default"]
-        if id(lora_a) in seen:
-            continue
-        seen.add(id(lora_a))
+        if id(lora_a) not in seen:
+            seen.add(id(lora_a))
+            lora_a.register_forward_hook(lambda module, args, out: unmasked.append(out.detach()))
 
-        def hook(module, args, out):
-            h = args[0] @ module.weight.T
-            kept = out != 0
-            calls.append((kept, (out[kept] / h[kept])))
+        def observe(masked):
+            h, kept = unmasked.pop(), masked != 0
+            calls.append((kept, masked[kept] / h[kept]))
 
-        lora_a.register_forward_hook(hook)
+        layer.observer = observe
     return calls
 
 
@@ -111,8 +110,7 @@ def test_same_seed_same_masks():
 @pytest.mark.parametrize("granularity", ["token", "step"])
 def test_gradient_checkpointing_replays_the_masks(granularity):
     base = add_rank_dropout(llama_with_lora(), 0.5, granularity=granularity)
-    ckpt = copy.deepcopy(base)
-    add_rank_dropout(ckpt, 0.5, granularity=granularity)  # deepcopy does not carry hook handles over cleanly
+    ckpt = copy.deepcopy(base)  # the rank mask is an attribute of each site: deepcopy carries it
     ckpt.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     assert ckpt.base_model.model.is_gradient_checkpointing
     batch = padded_batch(with_labels="lm")
@@ -150,10 +148,11 @@ def test_remove_leaves_plain_peft_model():
     plain = llama_with_lora()
     model = add_rank_dropout(copy.deepcopy(plain), 0.5)
     add_rank_dropout(model, 0.2, granularity="sample")  # replaces, does not stack
-    assert sum(len(l.lora_A["default"]._forward_hooks) for l in lora_layers(model).values()) == 4
+    assert {l.rank_dropout for l in lora_layers(model).values()} == {RankDropoutConfig(0.2, "sample")}
     remove_rank_dropout(model)
     assert rank_dropout_of(model) is None
-    assert all(not l.lora_A["default"]._forward_hooks for l in lora_layers(model).values())
+    assert all(l.rank_dropout is None for l in lora_layers(model).values())
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())  # nothing left behind
     batch = padded_batch()
     assert torch.equal(model.train()(**batch).logits, plain.train()(**batch).logits)
 
@@ -177,4 +176,4 @@ def test_a_refused_rank_dropout_keeps_the_mask_that_was_on():
     with pytest.raises(ValueError, match="no LoRA adapter named 'other'"):
         add_rank_dropout(model, 0.5, adapter_name="other")
     assert rank_dropout_of(model).p == 0.3
-    assert all(len(l.lora_A["default"]._forward_hooks) == 1 for l in lora_layers(model).values())
+    assert all(l.rank_dropout.p == 0.3 for l in lora_layers(model).values())

@@ -1,6 +1,8 @@
 import json
 import math
 import os
+import subprocess
+import sys
 
 import matplotlib.image
 import numpy as np
@@ -344,6 +346,25 @@ def test_write_json_failure_keeps_the_old_file_and_leaves_no_temp_files(tmp_path
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
 
 
+def test_importing_loradrop_leaves_the_umask_alone():
+    """report.py used to set the process's umask to 0 and back at import (a race with other threads)."""
+    code = ("import os; calls = []; real = os.umask\n"
+            "os.umask = lambda mask: (calls.append(mask), real(mask))[1]\n"
+            "import loradrop.report, loradrop.training, loradrop.adapter_io, loradrop.cli\n"
+            "from loradrop.adapter_io import atomic_write_bytes, write_json\n"
+            "import tempfile; d = tempfile.mkdtemp(); write_json({}, d + '/r.json'); atomic_write_bytes(d + '/f', b'x')\n"
+            "print(calls)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout
+    assert not hasattr(report, "_UMASK")
+
+
+def test_report_and_adapter_io_share_one_atomic_writer():
+    from loradrop import adapter_io
+
+    assert report.atomic_write_bytes is adapter_io.atomic_write_bytes and report.write_json is adapter_io.write_json
+
+
 def test_atomic_write_failing_replace_keeps_the_old_file_and_leaves_no_temp_files(tmp_path, monkeypatch):
     path = atomic_write_bytes(tmp_path / "f.bin", b"old")
 
@@ -358,8 +379,12 @@ def test_atomic_write_failing_replace_keeps_the_old_file_and_leaves_no_temp_file
 
 
 def test_atomic_write_permissions_follow_umask_or_the_existing_file(tmp_path):
-    path = atomic_write_bytes(tmp_path / "new.txt", b"x")
-    assert path.stat().st_mode & 0o777 == 0o666 & ~report._UMASK  # not mkstemp's 0o600
+    previous = os.umask(0o027)
+    try:
+        path = atomic_write_bytes(tmp_path / "new.txt", b"x")
+    finally:
+        os.umask(previous)
+    assert path.stat().st_mode & 0o777 == 0o640  # 0o666 minus the umask, not mkstemp's 0o600
     os.chmod(path, 0o640)
     atomic_write_bytes(path, b"y")
     assert path.stat().st_mode & 0o777 == 0o640 and path.read_bytes() == b"y"

@@ -8,26 +8,46 @@ from transformers import Trainer
 
 import loradrop.training as training
 from conftest import save_tiny_bert_dir
-from loradrop.training import RunConfig, _KeepBest, _training_args, run
+from conftest import tiny_bert
+from loradrop import apply_plan, select
+from loradrop.config import RunConfig
+from loradrop.rank_dropout import rank_dropout_of
+from loradrop.sharing import summary_rows
+from loradrop.training import _KeepBest, _training_args, run
 
 
-@pytest.mark.parametrize("method,strategy,threshold,rank_dropout", [
-    ("lora", "importance", 1.0, 0.0), ("lora-drop", "importance", 0.9, 0.0), ("droplora", "importance", 1.0, 0.5),
-    ("lora-drop+droplora", "importance", 0.9, 0.5), ("inverse", "inverse", 0.9, 0.0), ("random", "random", 0.9, 0.0),
-    ("top-k", "top_k", 0.9, 0.0), ("no-share", "no_share", 0.9, 0.0)])
-def test_methods_map_to_loradrop_configs(tmp_path, method, strategy, threshold, rank_dropout):
-    cfg = RunConfig(output_dir=str(tmp_path), method=method).loradrop_config(["query", "value"])
-    assert (cfg.strategy, cfg.threshold, cfg.rank_dropout, cfg.fast_path) == (strategy, threshold, rank_dropout, True)
-    assert not RunConfig(output_dir=str(tmp_path), method=method, fast_path=False).loradrop_config(["query"]).fast_path
+IMPORTANCE = {"query": {0: 0.5, 1: 0.3, 2: 0.15, 3: 0.05}}  # T = 0.9 keeps 3 layers
 
 
-@pytest.mark.parametrize("field,value,message", [
-    ("method", "lora-plus", "method='lora-plus' is invalid"), ("epochs", 0, "epochs=0"),
-    ("max_steps", 0, "max_steps=0"), ("batch_size", 0, "batch_size=0"), ("threshold", 2.0, "threshold=2.0"),
-    ("rank_dropout", 1.0, "rank_dropout=1.0"), ("fast_path", "no", "fast_path='no'")])
-def test_run_config_validation(tmp_path, field, value, message):
+@pytest.mark.parametrize("method,roles,mask", [
+    ("lora", "RRRR", None), ("lora-drop", "RRRS", None), ("droplora", "RRRR", 0.5),
+    ("lora-drop+droplora", "RRRS", 0.5), ("inverse", "SRRR", None), ("top-k", "SRRR", None),
+    ("no-share", "RRRD", None)])
+def test_each_method_builds_its_model(tmp_path, method, roles, mask):
+    """What a method does to a model: which sites keep, share or lose their LoRA, and the rank mask."""
+    cfg = RunConfig.from_options({"output_dir": str(tmp_path), "method": method, "target_modules": "query", "r": 2})
+    ld_cfg = cfg.loradrop_config()
+    model = apply_plan(tiny_bert(), select(IMPORTANCE, ld_cfg), ld_cfg)
+    assert "".join(row["role"][0].upper() for row in summary_rows(model)) == roles
+    assert (rank_dropout_of(model).p if rank_dropout_of(model) else None) == mask
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"method": "lora-plus"}, "method='lora-plus' is invalid"), ({"epochs": 0}, "epochs=0"),
+    ({"max_steps": 0}, "max_steps=0"), ({"batch_size": 0}, "batch_size=0"), ({"threshold": 2.0}, "threshold=2.0"),
+    ({"threshold": float("nan"), "method": "lora"}, "threshold=nan"), ({"learning_rate": float("inf")}, "learning_rate=inf"),
+    ({"rank_dropout": 1.0}, "rank_dropout=1.0"), ({"fast_path": "no"}, "fast_path='no'"),
+    ({"method": "droplora", "rank_dropout": 0.0}, "rank_dropout=0.0"), ({"target_modules": ",,"}, "target_modules=',,'")])
+def test_run_config_validation(tmp_path, options, message):
     with pytest.raises(ValueError, match=message.replace("(", "\\(")):
-        RunConfig(output_dir=str(tmp_path), **{field: value})
+        RunConfig.from_options({"output_dir": str(tmp_path), **options})
+
+
+def test_run_config_round_trips_through_json(tmp_path):
+    cfg = RunConfig.from_options({"output_dir": str(tmp_path), "method": "droplora", "r": 4, "seed": 3,
+                                  "target_modules": "query,value", "label_column": "y"})
+    assert RunConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    assert (cfg.label_column, cfg.lora.label_column, cfg.seed) == ("y", None, 3)
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +56,9 @@ def tiny_model_dir(tmp_path_factory):
 
 
 def tiny_run(out, model_dir, **kw):
-    return RunConfig(output_dir=str(out), model=model_dir, max_train_examples=96, max_steps=6, eval_steps=2,
-                     batch_size=16, max_length=24, probe_max_steps=2, show_progress=False, **kw)
+    return RunConfig.from_options(dict(output_dir=str(out), model=model_dir, max_train_examples=96, max_steps=6,
+                                       eval_steps=2, batch_size=16, max_length=24, probe_max_steps=2,
+                                       show_progress=False, **kw))
 
 
 def test_killed_run_resumes_from_its_checkpoint_and_probe(tmp_path, tiny_model_dir, monkeypatch):

@@ -7,7 +7,9 @@ import json
 import pytest
 from conftest import tiny_chat_tokenizer, tiny_llama
 
-from loradrop.training import CAUSAL_LM_TARGETS, RunConfig, run
+from loradrop.config import RunConfig
+from loradrop.sites import DEFAULT_TARGETS
+from loradrop.training import run
 
 
 @pytest.fixture(scope="module")
@@ -26,10 +28,11 @@ def qa_file(path):
 
 
 def test_generation_run(tmp_path, llama_dir):
-    cfg = RunConfig(output_dir=str(tmp_path / "run"), model=llama_dir, data=qa_file(tmp_path / "qa.jsonl"),
-                    prompt_column="q", response_column="a", generation_metric="exact_match", method="lora-drop",
-                    max_steps=4, eval_steps=2, batch_size=4, max_length=24, probe_max_steps=2, show_progress=False,
-                    max_new_tokens=3, generation_eval_examples=2, learning_rate=1e-2)
+    cfg = RunConfig.from_options(dict(
+        output_dir=str(tmp_path / "run"), model=llama_dir, data=qa_file(tmp_path / "qa.jsonl"), prompt_column="q",
+        response_column="a", generation_metric="exact_match", method="lora-drop", max_steps=4, eval_steps=2,
+        batch_size=4, max_length=24, probe_max_steps=2, show_progress=False, max_new_tokens=3,
+        generation_eval_examples=2, learning_rate=1e-2))
     results = run(cfg)
     assert results["metric_name"] == "exact_match" and results["majority_baseline"] is None
     assert set(results["base_model_scores"]) == {"metric", "exact_match"}
@@ -37,7 +40,7 @@ def test_generation_run(tmp_path, llama_dir):
     # 21 distinct prompts, 2 held out; every prompt + response fits in 24 tokens
     assert results["length_report"] == {"train": {"kept": 19, "dropped": 0, "truncated": 0},
                                         "validation": {"kept": 2, "dropped": 0, "truncated": 0}}
-    assert set(results["plan"]["layers"]) == set(CAUSAL_LM_TARGETS["llama"])
+    assert set(results["plan"]["layers"]) == set(DEFAULT_TARGETS["llama"])
     assert {"loss", "perplexity", "exact_match", "metric"} <= set(results["scores"])
     assert (tmp_path / "run" / "adapter").is_dir() and (tmp_path / "run" / "base_scores.json").is_file()
     assert run(cfg) == results  # finished: not run again

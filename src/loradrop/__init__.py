@@ -1,13 +1,13 @@
 """loradrop: LoRA-drop (output-based LoRA pruning with a shared LoRA) and DropLoRA on PEFT."""
 
 from .adapter_io import describe_adapter, export_peft, load_adapter, save_adapter
-from .config import LoraDropConfig, RankDropoutConfig
-from .fast_path import disable_fast_path, enable_fast_path, fast_path_enabled
+from .config import LoraDropConfig, RankDropoutConfig, RunConfig
 from .importance import ImportanceProbe, ImportanceResult, evaluate_importance
+from .layer import LoraDropLinear
 from .rank_dropout import add_rank_dropout, remove_rank_dropout
 from .selection import Plan, select
 from .sharing import apply_plan, lora_parameter_count, summary
-from .sites import Site, find_sites
+from .sites import Site, disable_fast_path, enable_fast_path, fast_path_enabled, find_sites
 from .tasks import stratified_sample
 
 __version__ = "0.1.0"
@@ -16,8 +16,10 @@ __all__ = [
     "ImportanceProbe",
     "ImportanceResult",
     "LoraDropConfig",
+    "LoraDropLinear",
     "Plan",
     "RankDropoutConfig",
+    "RunConfig",
     "Site",
     "add_rank_dropout",
     "apply_plan",

@@ -18,10 +18,12 @@ only; nothing is unpickled.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import os
 import re
+import secrets
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -37,10 +39,11 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .config import LoraDropConfig, RankDropoutConfig
-from .rank_dropout import add_rank_dropout, rank_dropout_of, remove_rank_dropout
+from .rank_dropout import add_rank_dropout, rank_dropout_of
+from .run_dir import check_replaceable, target_lock
 from .selection import Plan
-from .sharing import CONFIG_ATTR, PLAN_ATTR, apply_plan, shared_groups
-from .sites import PEFT_PREFIX, find_sites
+from .sharing import CONFIG_ATTR, PLAN_ATTR, restructure, shared_groups
+from .sites import PEFT_PREFIX, find_sites, set_on_sites
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "adapter_config.json"
@@ -49,31 +52,136 @@ _SHARED_PREFIX = "loradrop.shared."
 _FINGERPRINT_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "n_embd", "n_layer", "d_model", "num_layers")
 
 
-# -- atomic directory writes ---------------------------------------------------------------------
-@contextmanager
-def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
-    """Yields a temporary directory beside ``path`` that replaces ``path`` only when the block ends
-    without an exception; otherwise it is removed and ``path`` is left as it was."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+# -- atomic writes: the one helper set of the package --------------------------------------------
+def _new_file(directory: Path, name: str) -> tuple[int, Path]:
+    """A new temporary file ``.NAME.<random>.tmp`` in ``directory``, created with mode 0o666 so the
+    kernel applies the process's umask (as for any new file); the umask itself is never changed."""
+    while True:
+        tmp = directory / f".{name}.{secrets.token_hex(6)}.tmp"
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+        except FileExistsError:
+            continue
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Writes ``data`` to ``path`` through a temporary file in the same directory and ``os.replace``
+    (atomic on POSIX and Windows), creating parent directories. An existing file keeps its
+    permissions; a new one gets the usual 0o666 minus umask, not ``mkstemp``'s private 0o600."""
+    path = Path(path)
+    if path.parent.exists() and not path.parent.is_dir():
+        raise ValueError(f"cannot write {path}: {path.parent} is a file, not a directory")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    mode = path.stat().st_mode & 0o7777 if path.exists() else None
+    fd, tmp = _new_file(path.parent, path.name)
     try:
-        yield tmp
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.replace(target, old / "adapter")
-            try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        if mode is not None:
+            os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _json_default(obj: Any) -> Any:
+    """Encodes what result dicts typically hold besides plain Python: numpy and torch numbers and
+    arrays, paths, and dataclasses such as ``Plan``."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.asdict(obj)
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if hasattr(obj, "tolist"):  # numpy scalars and arrays, torch tensors
+        return obj.tolist()
+    raise TypeError(f"write_json cannot encode an object of type {type(obj).__name__}: {obj!r:.80}")
+
+
+def write_json(obj: Any, path: str | os.PathLike) -> Path:
+    """Writes ``obj`` as JSON (indent 2, sorted keys, so diffs between runs are readable) atomically.
+    The text is built before the file is touched: an object that cannot be encoded raises and
+    leaves any previous file as it was."""
+    text = json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n"
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+# what an adapter or export directory written here holds: PEFT's save_pretrained adds a model card
+_OURS = {CONFIG_FILE, WEIGHTS_FILE, "README.md"}
+_MARKERS = ("loradrop_format", "loradrop_export")  # in the safetensors metadata of what loradrop wrote
+
+
+def is_loradrop_output(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a directory loradrop wrote: a compact adapter or a PEFT export, holding
+    ``adapter_config.json``, ``adapter_model.safetensors`` whose metadata carries loradrop's mark,
+    and nothing else but PEFT's model card."""
+    path = Path(path)
+    try:
+        names = {p.name for p in path.iterdir()}
+        if not {CONFIG_FILE, WEIGHTS_FILE} <= names <= _OURS or not all((path / n).is_file() for n in names):
+            return False
+        with safe_open(str(path / WEIGHTS_FILE), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except (OSError, SafetensorError, ValueError):
+        return False
+    return any(m in metadata for m in _MARKERS)
+
+
+def _stale(target: Path) -> Iterator[Path]:
+    """Temporary and set-aside directories an earlier, killed write to ``target`` left beside it."""
+    pattern = re.compile(r"^\." + re.escape(target.name) + r"\.(tmp|old)-[A-Za-z0-9_]{8}$")
+    for entry in target.parent.iterdir():
+        if pattern.match(entry.name) and entry.is_dir() and not entry.is_symlink():
+            yield entry
+
+
+def _clean_stale(target: Path) -> None:
+    """Removes what killed writes to ``target`` left beside it; where the kill fell between moving the
+    previous adapter aside and moving the new one in, the previous adapter is put back first."""
+    for entry in _stale(target):
+        for previous in (entry / "previous", entry / "adapter"):  # "adapter": what loradrop 0.1.0 wrote
+            if entry.name.startswith(f".{target.name}.old-") and previous.exists() and not os.path.lexists(target):
+                os.replace(previous, target)
+        shutil.rmtree(entry, ignore_errors=True)
+
+
+@contextmanager
+def atomic_directory(path: str | os.PathLike, overwrite: bool = False,
+                     protect: tuple[str | os.PathLike, ...] = ()) -> Iterator[Path]:
+    """Yields a temporary directory beside ``path`` that replaces ``path`` only when the block ends
+    without an exception; otherwise it is removed and ``path`` is left as it was.
+
+    Only one process writes ``path`` at a time (a lock file beside it; another writer gets
+    ``DirectoryInUse``). What is at ``path`` is replaced only when loradrop wrote it (an adapter or
+    export) or it is an empty directory, unless ``overwrite``; the current directory, a directory
+    holding it and ``protect`` (and their ancestors) never are. Leftovers of killed writes to ``path``
+    are cleaned up first."""
+    target = Path(path)
+    check_replaceable(target, overwrite, is_loradrop_output, protect)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with target_lock(target):
+        _clean_stale(target)
+        check_replaceable(target, overwrite, is_loradrop_output, protect)  # again, now that we hold the lock
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        try:
+            yield tmp
+            if os.path.lexists(target):
+                old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+                os.replace(target, old / "previous")
+                try:
+                    os.replace(tmp, target)
+                except BaseException:
+                    os.replace(old / "previous", target)  # put the previous adapter back
+                    raise
+                finally:
+                    shutil.rmtree(old)
+            else:
                 os.replace(tmp, target)
-            except BaseException:
-                os.replace(old / "adapter", target)  # put the previous adapter back
-                raise
-            finally:
-                shutil.rmtree(old)
-        else:
-            os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp)
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
@@ -147,13 +255,15 @@ def _peft_fields(model: PeftModel) -> dict[str, Any]:
 
 
 # -- compact format ------------------------------------------------------------------------------
-def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
+def save_adapter(model: nn.Module, path: str | os.PathLike, overwrite: bool = False) -> Path:
     """Writes the compact adapter: ``adapter_config.json`` and ``adapter_model.safetensors`` with
-    every distinct tensor stored once. Atomic: the previous adapter at ``path`` survives a failure."""
+    every distinct tensor stored once. Atomic: the previous adapter at ``path`` survives a failure.
+    An existing ``path`` is replaced only when loradrop wrote it (an adapter or an export) or it is an
+    empty directory; ``overwrite=True`` replaces anything but the current directory and its ancestors."""
     model = _peft_model(model)
     state, groups = _compact_state(model)
     config = {**_peft_fields(model), "loradrop": _loradrop_section(model, groups)}
-    with atomic_directory(path) as tmp:
+    with atomic_directory(path, overwrite) as tmp:
         _write_json(tmp / CONFIG_FILE, config)
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "loradrop_format": str(FORMAT_VERSION)})
     return Path(path)
@@ -180,6 +290,20 @@ def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
             f"{path} has loradrop format version {version!r}, this loradrop reads up to {FORMAT_VERSION}: "
             "upgrade loradrop to load it"
         )
+    for key in ("config", "rank_dropout", "base_model", "shared"):
+        if section.get(key) is not None and not isinstance(section[key], dict):
+            raise ValueError(f"{path}: loradrop.{key} in {CONFIG_FILE} is a {type(section[key]).__name__}, "
+                             "not an object; the adapter is damaged, save it again")
+    for module_type, sites in (section.get("shared") or {}).items():
+        if not isinstance(sites, list) or not all(isinstance(s, str) for s in sites):
+            raise ValueError(f"{path}: loradrop.shared[{module_type!r}] in {CONFIG_FILE} is not a list of "
+                             "site names; the adapter is damaged, save it again")
+    if section.get("rank_dropout"):
+        try:
+            RankDropoutConfig(**section["rank_dropout"])
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{path}: loradrop.rank_dropout in {CONFIG_FILE} is unreadable ({err}); "
+                             "the adapter is damaged, save it again") from None
     return config
 
 
@@ -254,8 +378,10 @@ def _lora_config(fields: dict[str, Any]) -> LoraConfig:
 
 
 def load_adapter(base_model: nn.Module, path: str | os.PathLike) -> PeftModel:
-    """Rebuilds the PEFT model, the shared-LoRA ties, the plan and the rank dropout saved at ``path``
-    on ``base_model``; its outputs equal the saved model's. Training can continue from it."""
+    """Builds the saved model on ``base_model``: PEFT's LoRA as saved, the plan's shared ties and
+    dropped sites, the saved weights, and the rank mask and fast-path setting the model was saved
+    with. Nothing of training's setup is replayed (no re-initialisation, no config-driven rank mask);
+    its outputs equal the saved model's, and training can continue from it."""
     config = read_adapter_config(path)
     section = config["loradrop"]
     _check_base(section.get("base_model") or {}, base_model)
@@ -263,18 +389,18 @@ def load_adapter(base_model: nn.Module, path: str | os.PathLike) -> PeftModel:
     weights = _read_weights(path)
     cfg = LoraDropConfig.from_dict(section["config"]) if section.get("config") else None
     model = get_peft_model(base_model, _lora_config(config))
+    adapter = _adapter(model)
     if plan is not None:
-        if cfg is None:
-            raise ValueError(f"{path}: the adapter has a plan but no loradrop config; save it again")
-        model = apply_plan(model, plan, LoraDropConfig.from_dict({**cfg.to_dict(), "reinit": False}))
+        restructure(model, plan, adapter)
+    if cfg is not None:
+        setattr(model, CONFIG_ATTR, cfg)
+        set_on_sites(model, fast_path=cfg.fast_path)
     shared = section.get("shared") or {}
     full = _expand(weights, shared)
     _check_keys_and_shapes(model, weights, full, shared)
-    set_peft_model_state_dict(model, full, adapter_name=_adapter(model))
+    set_peft_model_state_dict(model, full, adapter_name=adapter)
     if section.get("rank_dropout"):
-        add_rank_dropout(model, RankDropoutConfig(**section["rank_dropout"]), adapter_name=_adapter(model))
-    else:  # the config may ask for rank dropout that the saved model had switched off
-        remove_rank_dropout(model)
+        add_rank_dropout(model, RankDropoutConfig(**section["rank_dropout"]), adapter_name=adapter)
     return model
 
 
@@ -301,10 +427,14 @@ def _site_regex(model: PeftModel) -> str:
     return "^(?:" + "|".join(names) + ")$"
 
 
-def export_peft(model: nn.Module, path: str | os.PathLike) -> Path:
+def export_peft(model: nn.Module, path: str | os.PathLike, overwrite: bool = False,
+                protect: tuple[str | os.PathLike, ...] = ()) -> Path:
     """Writes a plain PEFT adapter directory (shared weights written out per site) that
     ``peft.PeftModel.from_pretrained`` and serving stacks load. Where a plan dropped sites, the
-    exported ``target_modules`` names exactly the sites that have LoRA."""
+    exported ``target_modules`` names exactly the sites that have LoRA. An existing ``path`` is
+    replaced as ``save_adapter`` says (``overwrite``); ``protect`` (e.g. the source adapter) and its
+    ancestors are never written. The weights' metadata marks the export as loradrop's
+    (``loradrop_export``), which is how a later export knows it may replace it."""
     model = _peft_model(model)
     adapter = _adapter(model)
     plan: Plan | None = getattr(model, PLAN_ATTR, None)
@@ -312,7 +442,7 @@ def export_peft(model: nn.Module, path: str | os.PathLike) -> Path:
     exported = copy.deepcopy(original)
     if plan is not None and plan.others == "dropped":
         exported.target_modules = _site_regex(model)
-    with atomic_directory(path) as tmp:
+    with atomic_directory(path, overwrite, protect) as tmp:
         model.peft_config[adapter] = exported
         try:
             model.save_pretrained(str(tmp), selected_adapters=[adapter])
@@ -323,7 +453,16 @@ def export_peft(model: nn.Module, path: str | os.PathLike) -> Path:
             for item in written.iterdir():
                 os.replace(item, tmp / item.name)
             written.rmdir()
+        _mark_export(tmp / WEIGHTS_FILE)
     return Path(path)
+
+
+def _mark_export(file: Path) -> None:
+    """Adds ``loradrop_export`` to the metadata of the weights PEFT wrote (tensors unchanged)."""
+    with safe_open(str(file), framework="pt") as f:
+        metadata = f.metadata() or {}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    save_file(tensors, str(file), metadata={**metadata, "loradrop_export": str(FORMAT_VERSION)})
 
 
 # -- inspection ----------------------------------------------------------------------------------

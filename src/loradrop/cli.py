@@ -6,10 +6,15 @@ and one line on stderr that says what to fix; typer's own usage errors do the sa
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import inspect
 import json
 import sys
-from collections.abc import Callable
+import typing
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import MISSING, asdict
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -18,27 +23,50 @@ from rich.console import Console
 from rich.table import Table
 
 from . import __version__
+from .config import LoraDropConfig, RunConfig, cli_fields, run_lora_defaults
+from .run_dir import DirectoryInUse
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="LoRA-drop and DropLoRA on PEFT models.")
 console = Console()
 
-# -- shared options ------------------------------------------------------------------------------
-Task = Annotated[str, typer.Option(help="bundled task: rotten-tomatoes, tweet-sentiment, bbc-news")]
-Data = Annotated[Optional[Path], typer.Option(help="your own CSV/TSV/JSONL/JSON file instead of --task")]
-TextColumn = Annotated[str, typer.Option(help="column of the text in --data")]
-PairColumn = Annotated[Optional[str], typer.Option(help="column of the second text of a pair in --data")]
-LabelColumn = Annotated[str, typer.Option(help="column of the label in --data")]
-Model = Annotated[str, typer.Option(help="'minilm' (bundled) or a transformers model folder / hub id")]
-Targets = Annotated[Optional[str], typer.Option(help="comma-separated LoRA target modules (default by model type)")]
-Seed = Annotated[int, typer.Option(help="random seed")]
-Rank = Annotated[int, typer.Option(help="LoRA rank")]
-Threshold = Annotated[float, typer.Option(help="LoRA-drop's cumulative importance T")]
-SampleRatio = Annotated[float, typer.Option(help="probe sample ratio alpha")]
-ProbeMaxSteps = Annotated[Optional[int], typer.Option(help="cap on probe steps")]
-ProbeBatchSize = Annotated[int, typer.Option(help="probe batch size per process")]
-MaxLength = Annotated[int, typer.Option(help="tokens per example")]
-MaxTrainExamples = Annotated[Optional[int], typer.Option(help="use at most this many training examples")]
+# -- options generated from the config dataclasses ---------------------------------------------------
+def _option_type(hint: Any) -> Any:
+    """The CLI type of a config field: a list of modules is one comma-separated string."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if hint is str or (args and list[str] in args):
+        return Optional[str] if type(None) in typing.get_args(hint) else str
+    return Optional[args[0]] if args else hint
+
+
+def _config_parameters(exclude: frozenset[str]) -> list[inspect.Parameter]:
+    """One keyword parameter per CLI field of RunConfig and of its LoraDropConfig, with the field's
+    help and the run's default: typer turns them into ``--option-name`` options."""
+    defaults = {**{f.name: f.default for f in cli_fields(RunConfig)}, **asdict(run_lora_defaults())}
+    params = []
+    for cls in (RunConfig, LoraDropConfig):
+        hints = typing.get_type_hints(cls)
+        for f in cli_fields(cls):
+            if f.name in exclude:
+                continue
+            names = ("--out",) if f.name == "output_dir" else ()
+            default = defaults[f.name]
+            annotation = Annotated[_option_type(hints[f.name]), typer.Option(*names, help=f.metadata["help"])]
+            params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
+                                            default=inspect.Parameter.empty if default is MISSING else default))
+    return params
+
+
+def _with_config_options(exclude: frozenset[str] = frozenset()) -> Callable:
+    """Gives a command taking ``**options`` an option for every config field (one edit adds a field
+    to the dataclass, its validation and both commands)."""
+    def decorate(command: Callable) -> Callable:
+        own = [p for p in inspect.signature(command).parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+        command.__signature__ = inspect.Signature(own + _config_parameters(exclude))
+        command.__annotations__ = {p.name: p.annotation for p in command.__signature__.parameters.values()}
+        return command
+
+    return decorate
 
 
 def _fail_cleanly(command: Callable) -> Callable:
@@ -48,7 +76,8 @@ def _fail_cleanly(command: Callable) -> Callable:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return command(*args, **kwargs)
-        except (ValueError, ImportError, FileNotFoundError) as err:
+        except (ValueError, ImportError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+                DirectoryInUse) as err:
             message = str(err).splitlines()[0] if str(err) else type(err).__name__
             print(f"error: {message}", file=sys.stderr)
             raise typer.Exit(2) from None
@@ -56,8 +85,23 @@ def _fail_cleanly(command: Callable) -> Callable:
     return wrapper
 
 
-def _targets(value: str | None) -> list[str] | None:
-    return [t.strip() for t in value.split(",") if t.strip()] if value else None
+@contextlib.contextmanager
+def _quiet_loading() -> Iterator[None]:
+    """transformers' load report, its loading progress bar and Python warnings would bury the command
+    line's one-line error."""
+    import transformers
+
+    level, bars = transformers.logging.get_verbosity(), transformers.logging.is_progress_bar_enabled()
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        transformers.logging.set_verbosity(level)
+        if bars:
+            transformers.logging.enable_progress_bar()
 
 
 def _print_rows(rows: list[dict[str, Any]], title: str) -> None:
@@ -87,7 +131,7 @@ def demo(
     out: Annotated[Path, typer.Option(help="where runs and the report go")] = Path("demo-out"),
     steps: Annotated[int, typer.Option(min=1, help="training steps per method")] = 300,
     train_examples: Annotated[int, typer.Option(min=32, help="training examples drawn from the task")] = 6400,
-    seed: Seed = 0,
+    seed: Annotated[int, typer.Option(help="random seed")] = 0,
 ) -> None:
     """Fine-tune the bundled MiniLM on rotten-tomatoes with lora, lora-drop, droplora and
     lora-drop+droplora; print the table and write out/report. Finished methods are not rerun."""
@@ -101,85 +145,40 @@ def demo(
     console.print(f"report: {out / 'report'} (results.md, importance_heatmap.png, output_norms.png)")
 
 
-def _run_config(out: Path, **options: Any) -> Any:
-    from .training import RunConfig
-
-    data = options.pop("data")
-    return RunConfig(output_dir=str(out), data=str(data) if data else None,
-                     target_modules=_targets(options.pop("target_modules")), **options)
+_TRAINING_ONLY = frozenset({"method", "epochs", "max_steps", "batch_size", "learning_rate", "eval_steps", "reinit",
+                            "rank_dropout", "rank_dropout_granularity", "rank_dropout_rescale"})
 
 
 @app.command()
 @_fail_cleanly
+@_with_config_options()
 def train(
-    out: Annotated[Path, typer.Option(help="run directory (rerun the same command to resume)")],
-    method: Annotated[str, typer.Option(help="lora, lora-drop, droplora, lora-drop+droplora, inverse, random, top-k, no-share")] = "lora-drop",
-    task: Task = "rotten-tomatoes",
-    data: Data = None,
-    text_column: TextColumn = "text",
-    text_pair_column: PairColumn = None,
-    label_column: LabelColumn = "label",
-    model: Model = "minilm",
-    target_modules: Targets = None,
-    r: Rank = 8,
-    threshold: Threshold = 0.9,
-    sample_ratio: SampleRatio = 0.1,
-    probe_max_steps: ProbeMaxSteps = None,
-    probe_batch_size: ProbeBatchSize = 16,
-    rank_dropout: Annotated[float, typer.Option(help="DropLoRA's p for the droplora methods")] = 0.5,
-    fast_path: Annotated[bool, typer.Option(help="loradrop's fused LoRA forward (off: PEFT's own)")] = True,
-    epochs: Annotated[float, typer.Option(help="training epochs")] = 3.0,
-    max_steps: Annotated[Optional[int], typer.Option(help="stop after this many steps")] = None,
-    batch_size: Annotated[int, typer.Option(help="batch size")] = 32,
-    learning_rate: Annotated[float, typer.Option(help="learning rate")] = 1e-3,
-    max_length: MaxLength = 128,
-    max_train_examples: MaxTrainExamples = None,
-    eval_steps: Annotated[Optional[int], typer.Option(help="evaluate every N steps (default: each epoch)")] = None,
     importance_from: Annotated[Optional[Path], typer.Option(help="reuse the probe of another run directory")] = None,
-    seed: Seed = 0,
+    **options: Any,
 ) -> None:
     """Fine-tune one method; writes results.json, the compact adapter and the report figures."""
-    options = dict(locals())
-    options.pop("importance_from")
-    from .training import run, summary_row
+    from .training import _is_main, run, summary_row
 
-    from .training import _is_main
-
-    results = run(_run_config(options.pop("out"), **options), importance_from=importance_from)
+    cfg = RunConfig.from_options(options)
+    results = run(cfg, importance_from=importance_from)
     if _is_main():  # under torchrun / accelerate launch every rank gets here
-        _print_rows([summary_row(results)], f"{method} on {results['task']}")
+        _print_rows([summary_row(results)], f"{cfg.method} on {results['task']}")
 
 
 @app.command()
 @_fail_cleanly
-def importance(
-    out: Annotated[Path, typer.Option(help="where importance.json and the figures go")],
-    task: Task = "rotten-tomatoes",
-    data: Data = None,
-    text_column: TextColumn = "text",
-    text_pair_column: PairColumn = None,
-    label_column: LabelColumn = "label",
-    model: Model = "minilm",
-    target_modules: Targets = None,
-    r: Rank = 8,
-    threshold: Threshold = 0.9,
-    sample_ratio: SampleRatio = 0.1,
-    probe_max_steps: ProbeMaxSteps = None,
-    probe_batch_size: ProbeBatchSize = 16,
-    max_length: MaxLength = 128,
-    max_train_examples: MaxTrainExamples = None,
-    seed: Seed = 0,
-) -> None:
+@_with_config_options(exclude=_TRAINING_ONLY)
+def importance(**options: Any) -> None:
     """Run LoRA-drop's probe only: importance per layer and module type, the plan, a heatmap."""
-    options = dict(locals())
     from .training import probe
 
-    record = probe(_run_config(options.pop("out"), **options))
+    cfg = RunConfig.from_options(options)
+    record = probe(cfg)
     rows = [{"type": t, "layer": int(layer), "importance": v,
              "retained": "yes" if int(layer) in record["plan"]["retained"][t] else ""}
             for t, scores in record["importance"].items() for layer, v in sorted(scores.items(), key=lambda x: int(x[0]))]
-    _print_rows(rows, f"LoRA importance (T = {threshold})")
-    console.print(f"heatmap: {out / 'importance_heatmap.png'}")
+    _print_rows(rows, f"LoRA importance (T = {cfg.lora.threshold})")
+    console.print(f"heatmap: {Path(cfg.output_dir) / 'importance_heatmap.png'}")
 
 
 @app.command()
@@ -209,12 +208,19 @@ def export(
     adapter: Annotated[Path, typer.Argument(help="a compact loradrop adapter directory")],
     out: Annotated[Path, typer.Argument(help="where the standard PEFT adapter goes")],
     base_model: Annotated[Optional[str], typer.Option(help="base model folder / hub id (default: the recorded one)")] = None,
+    force: Annotated[bool, typer.Option("--force", help="replace OUT even when it is not an adapter loradrop wrote "
+                                        "(never the current directory, its ancestors or the source)")] = False,
 ) -> None:
-    """Write the adapter in the standard PEFT format (shared weights per site), for serving."""
-    from .adapter_io import export_peft, load_adapter, load_base_model
+    """Write the adapter in the standard PEFT format (shared weights per site), for serving. An
+    existing OUT is replaced only when loradrop wrote it (or with --force)."""
+    from .adapter_io import export_peft, is_loradrop_output, load_adapter, load_base_model
+    from .run_dir import check_replaceable, target_lock
 
-    model = load_adapter(load_base_model(adapter, base_model), adapter)
-    export_peft(model, out)
+    check_replaceable(out, force, is_loradrop_output, protect=(adapter,), how="pass --force")  # before the slow load
+    with target_lock(out) if out.parent.is_dir() else contextlib.nullcontext():
+        with _quiet_loading():
+            model = load_adapter(load_base_model(adapter, base_model), adapter)
+        export_peft(model, out, overwrite=force, protect=(adapter,))
     console.print(f"exported {adapter} -> {out} (loads with peft.PeftModel.from_pretrained)")
 
 

@@ -1,18 +1,21 @@
 """LoRA-drop's first stage: how much each site's LoRA changes its layer's output.
 
 Per site, g = sum over probe tokens of ||Delta W x||^2, with Delta W x = scaling * B A x the LoRA
-branch output (PEFT's scaling included), padding excluded. A forward hook on ``lora_B`` sees its
-input h = A x (r values per token) and computes ||s B h||^2 = s^2 h^T (B^T B) h: r-wide work per
-token, never a copy of the d_out-wide output. The sums stay on the device in float64 until
-``scores()``, so the probe never syncs with the host.
-
-Shared LoRA modules are called by several sites, so each site's forward pre-hook marks itself as
-the current site and the ``lora_B`` hook books the sum there.
+branch output (PEFT's scaling included), padding excluded: the forward's ``attention_mask`` (by
+keyword or position) masks the input tokens; at decoder sites of an encoder-decoder model the
+``decoder_attention_mask`` (else ``labels != -100``) does, and cross-attention keys and values use the
+encoder's mask. A forward without a mask counts every token; a mask whose shape does not fit a site's
+tokens is an error. Each site's ``observer`` slot (``layer.LoraDropLinear``) is given the hidden
+h = A x (r values per token) on either forward path, and the probe computes
+||s B h||^2 = s^2 h^T (B^T B) h: r-wide work per token, never a copy of the d_out-wide output. The sums
+stay on the device in float64 until ``scores()``, so the probe never syncs with the host. The observer
+belongs to the site, so a shared LoRA is booked per site.
 """
 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import itertools
 import math
 from collections.abc import Callable, Iterator, Mapping
@@ -22,17 +25,49 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
 from peft import PeftModel
-from peft.tuners.lora import LoraLayer
 from peft.utils import ModulesToSaveWrapper
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm.auto import tqdm
 
 from .config import LoraDropConfig
-from .fast_path import disable_fast_path, enable_fast_path, fast_path_enabled, observes_lora_input
 from .selection import Importance, Plan, select
 from .sites import Site, add_lora, find_sites, lora_layers, sites_by_type
 from .tasks.sampling import stratified_sample
+
+
+_CROSS_ATTENTION = ("EncDecAttention", "encoder_attn", "crossattention", "cross_attn")
+_KEYS_VALUES = ("k", "v", "k_proj", "v_proj", "key", "value")
+
+
+def _reads_decoder_tokens(site_name: str) -> bool:
+    """For an encoder-decoder model: whether a site's input is the decoder's tokens (decoder layers,
+    except the keys and values of cross-attention, which project the encoder's output)."""
+    parts = site_name.split(".")
+    if "decoder" not in parts:
+        return False
+    return not (any(p in _CROSS_ATTENTION for p in parts) and parts[-1] in _KEYS_VALUES)
+
+
+def _named_inputs(module: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """A forward's arguments by name, positional ones bound to the model's signature (a PEFT wrapper
+    taking ``*args`` is bound to its base model's)."""
+    if not args:
+        return kwargs
+    forward = module.forward
+    params = inspect.signature(forward).parameters.values()
+    if any(p.kind is p.VAR_POSITIONAL for p in params) and hasattr(module, "get_base_model"):
+        forward = module.get_base_model().forward
+    try:
+        bound = inspect.signature(forward).bind_partial(*args, **kwargs)
+    except TypeError:
+        return kwargs
+    named = dict(bound.arguments)
+    for name, param in inspect.signature(forward).parameters.items():
+        if param.kind is param.VAR_KEYWORD:
+            named.update(named.pop(name, {}))
+    return named
 
 
 class ImportanceProbe:
@@ -48,44 +83,69 @@ class ImportanceProbe:
         self.record_examples = record_examples
         self.sites = find_sites(model)
         self._layers = lora_layers(model)
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        self._current: Site | None = None
+        self._handle: torch.utils.hooks.RemovableHandle | None = None
         self._mask: torch.Tensor | None = None
+        self._decoder_mask: torch.Tensor | None = None
+        encoder_decoder = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+        self._site_reads_decoder = {s: encoder_decoder and _reads_decoder_tokens(s.name) for s in self.sites}
         self.reset()
 
     def reset(self) -> None:
         self._sums: dict[Site, torch.Tensor] = {}
         self._examples: dict[Site, list[torch.Tensor]] = {s: [] for s in self.sites}
 
-    # -- hooks -------------------------------------------------------------------------------
     def _capture_mask(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        mask = kwargs.get("attention_mask")
+        """The padding masks of this forward, whether passed by keyword or position: ``attention_mask``
+        for the (encoder's) input tokens and, for an encoder-decoder model, ``decoder_attention_mask``
+        -- or, without it, the positions whose ``labels`` are not -100, which is what the decoder's
+        input is shifted from when ``decoder_input_ids`` are not given."""
+        inputs = _named_inputs(module, args, kwargs)
+        mask = inputs.get("attention_mask")
         self._mask = mask.float() if isinstance(mask, torch.Tensor) else None
+        decoder = inputs.get("decoder_attention_mask")
+        labels = inputs.get("labels")
+        if (decoder is None and inputs.get("decoder_input_ids") is None and isinstance(labels, torch.Tensor)
+                and labels.dim() == 2):
+            decoder = labels != -100
+        self._decoder_mask = decoder.float() if isinstance(decoder, torch.Tensor) else None
 
-    def _enter_site(self, site: Site) -> Callable:
-        def hook(module: nn.Module, args: tuple) -> None:
-            self._current = site
+    def _mask_of(self, site: Site, per_token: torch.Tensor) -> torch.Tensor | None:
+        """The mask of the tokens ``site`` saw: the decoder's for decoder sites of an encoder-decoder
+        model, except cross-attention keys and values, which read the encoder's tokens. None (every
+        token counts) when the forward got no mask. A mask that does not fit the site's tokens is an
+        error rather than padding silently counted."""
+        mask = self._decoder_mask if self._site_reads_decoder[site] else self._mask
+        if mask is None:
+            return None
+        if mask.shape != per_token.shape:
+            if mask.numel() != per_token.numel():
+                which = "decoder_attention_mask" if self._site_reads_decoder[site] else "attention_mask"
+                raise ValueError(
+                    f"the {which} of this batch has shape {tuple(mask.shape)} but site {site.name!r} saw tokens of "
+                    f"shape {tuple(per_token.shape)}: the probe cannot tell its padding apart; pass the mask of "
+                    "the tokens this site reads"
+                )
+            mask = mask.reshape(per_token.shape)
+        return mask
 
-        return hook
+    def _observer(self, site: Site) -> Callable[[torch.Tensor], None]:
+        lora_b = self._layers[site.name].lora_B[self.adapter_name]
 
-    def _leave_site(self, module: nn.Module, args: tuple, output: Any) -> None:
-        self._current = None
+        def observe(hidden: torch.Tensor) -> None:
+            h, weight = hidden.detach().float(), lora_b.weight.detach().float()
+            if lora_b.bias is None:
+                # ||B h||^2 = h^T (B^T B) h: r-wide work per token instead of d_out-wide; the scaling^2
+                # factor is applied once, when the sums are read
+                per_token = torch.linalg.vecdot(h @ (weight.T @ weight), h)
+            else:
+                per_token = F.linear(h, weight, lora_b.bias.detach().float()).square().sum(-1)
+            self._book(site, per_token)
 
-    @observes_lora_input  # the output is read only with a LoRA bias, where the fast path is off
-    def _accumulate(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-        site = self._current
-        if site is None:  # lora_B called outside a LoRA layer's forward (e.g. by merging code)
-            return
-        if module.bias is None:
-            # ||B h||^2 = h^T (B^T B) h: r-wide work per token instead of d_out-wide; the scaling^2
-            # factor is applied once, when the sums are read
-            h = args[0].detach().float()
-            weight = module.weight.detach().float()
-            per_token = torch.linalg.vecdot(h @ (weight.T @ weight), h)
-        else:
-            per_token = output.detach().float().square().sum(-1)
-        mask = self._mask
-        if mask is not None and mask.shape == per_token.shape:
+        return observe
+
+    def _book(self, site: Site, per_token: torch.Tensor) -> None:
+        mask = self._mask_of(site, per_token)
+        if mask is not None:
             per_token = per_token * mask
         total = per_token.sum(dtype=torch.float64)
         self._sums[site] = self._sums[site] + total if site in self._sums else total
@@ -94,26 +154,24 @@ class ImportanceProbe:
             self._examples[site].append(per_example.double())
 
     def __enter__(self) -> ImportanceProbe:
-        for site in self.sites:  # check everything before registering anything
-            if self.adapter_name not in self._layers[site.name].lora_B:
-                raise ValueError(f"site {site.name!r} has no LoRA adapter named {self.adapter_name!r}")
-        self._handles.append(self.model.register_forward_pre_hook(self._capture_mask, with_kwargs=True))
-        hooked_b: set[int] = set()
-        for site in self.sites:
+        for site in self.sites:  # check everything before changing anything
             layer = self._layers[site.name]
-            self._handles.append(layer.register_forward_pre_hook(self._enter_site(site)))
-            self._handles.append(layer.register_forward_hook(self._leave_site))
-            lora_b = layer.lora_B[self.adapter_name]
-            if id(lora_b) not in hooked_b:  # a shared lora_B gets one hook, booking to the current site
-                hooked_b.add(id(lora_b))
-                self._handles.append(lora_b.register_forward_hook(self._accumulate))
+            if self.adapter_name not in layer.lora_B:
+                raise ValueError(f"site {site.name!r} has no LoRA adapter named {self.adapter_name!r}")
+            if layer.observer is not None:
+                raise ValueError(f"site {site.name!r} is already observed: one ImportanceProbe at a time")
+        self._handle = self.model.register_forward_pre_hook(self._capture_mask, with_kwargs=True)
+        for site in self.sites:
+            self._layers[site.name].observer = self._observer(site)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        self._current = self._mask = None
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+        for layer in self._layers.values():
+            layer.observer = None
+        self._mask = self._decoder_mask = None
 
     # -- results -----------------------------------------------------------------------------
     def raw_scores(self) -> dict[Site, float]:
@@ -288,19 +346,15 @@ def _check_same_on_every_rank(text: str, device: torch.device) -> None:
         )
 
 
-def _remove_lora(model: PeftModel, requires_grad: dict[str, bool]) -> None:
-    """Puts the original modules back into the model that ``add_lora`` wrapped in place, so a plain
-    model passed to evaluate_importance comes back exactly as it was."""
-    base = model.base_model.model
-    for name, module in list(base.named_modules()):
-        if isinstance(module, (LoraLayer, ModulesToSaveWrapper)):
-            parent, _, child = name.rpartition(".")
-            original = module.get_base_layer() if isinstance(module, LoraLayer) else module.original_module
-            setattr(base.get_submodule(parent), child, original)
+def _unwrap(model: PeftModel, requires_grad: dict[str, bool]) -> None:
+    """Gives back the plain model that ``add_lora`` wrapped in place, exactly as it was: PEFT's
+    unload, with the original (untrained) modules_to_save heads put back and requires_grad restored."""
+    for module in model.modules():
+        if isinstance(module, ModulesToSaveWrapper):
+            module.set_adapter([])  # unload then returns the original module, not the probe-trained copy
+    base = model.unload()
     for name, param in base.named_parameters():
         param.requires_grad_(requires_grad[name])
-    if hasattr(base, "peft_config"):
-        del base.peft_config
 
 
 def evaluate_importance(
@@ -319,8 +373,8 @@ def evaluate_importance(
     ``model`` is a PEFT LoRA model (trained in place; ``apply_plan`` re-initialises it when
     ``cfg.reinit``) or a plain transformers model, which gets LoRA as ``cfg`` says for the probe and
     comes back unchanged (the probe's LoRA weights are kept in the result for ``reinit=False``).
-    Base weights are never updated. ``cfg.fast_path`` trains and measures with loradrop's fast LoRA
-    forward (the model's own setting is restored afterwards). Batches come from ``collate_fn``, else
+    Base weights are never updated. A plain model's probe LoRA takes ``cfg.fast_path``; a PEFT
+    model's sites keep their own setting. Batches come from ``collate_fn``, else
     from a padding collator built on ``tokenizer``, else from transformers' default collator
     (examples of equal length).
 
@@ -332,9 +386,6 @@ def evaluate_importance(
     wrapped = not isinstance(model, PeftModel)
     requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
     peft_model = add_lora(model, cfg) if wrapped else model
-    was_fast = fast_path_enabled(peft_model)
-    if cfg.fast_path:
-        enable_fast_path(peft_model)
     collate = collate_fn or _default_collate(tokenizer)
     try:
         show_progress = show_progress and _world()[1] == 0
@@ -346,9 +397,7 @@ def evaluate_importance(
             lora_state = {n: p.detach().cpu().clone() for n, p in peft_model.named_parameters() if p.requires_grad}
     finally:
         if wrapped:
-            _remove_lora(peft_model, requires_grad)
-        elif not was_fast:
-            disable_fast_path(peft_model)
+            _unwrap(peft_model, requires_grad)
     plan = select(importance, cfg)
     if _distributed():
         _check_same_on_every_rank(plan.to_json(), _device_of(peft_model))

@@ -5,20 +5,18 @@ heatmap across layers, module types and tasks (Figure 4) and importance against 
 ratio (Figure 5). They are drawn on ``matplotlib.figure.Figure`` objects, never through pyplot, so
 no GUI backend is touched and nothing global is left behind on a headless training node.
 
-Every file is written atomically (a temporary file in the target directory, then ``os.replace``),
-so a crash or a failed serialisation never leaves a truncated ``results.json`` or figure behind,
-and a reader polling the file sees either the old or the new version.
+Every file is written atomically with ``adapter_io``'s helpers (``atomic_write_bytes``,
+``write_json``, re-exported here): a temporary file in the target directory, then ``os.replace``, so
+a crash or a failed serialisation never leaves a truncated ``results.json`` or figure behind, and a
+reader polling the file sees either the old or the new version.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import io
-import json
 import math
 import os
 import statistics
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from numbers import Integral, Real
 from pathlib import Path
@@ -29,6 +27,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch, Rectangle
 
+from .adapter_io import atomic_write_bytes, write_json  # noqa: F401 (write_json: re-exported)
 from .selection import Importance, Plan
 
 if TYPE_CHECKING:
@@ -36,56 +35,11 @@ if TYPE_CHECKING:
 
     from .sites import Site
 
-_UMASK = os.umask(0)  # read once at import: os.umask can only be read by setting it
-os.umask(_UMASK)
-
 _DPI = 150
 _ANNOTATE_MAX_COLUMNS = 16  # beyond this a cell is too narrow for a printed value
 _ANNOTATE_MAX_ROWS = 24
 _LOG_SPAN = 1e3  # histograms switch to a log x-axis when the values span this many times
 _MARK_COLOUR = "#e8112d"
-
-
-# -- atomic files ----------------------------------------------------------------------------------
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Writes ``data`` to ``path`` through a temporary file in the same directory and ``os.replace``
-    (atomic on POSIX and Windows), creating parent directories. An existing file keeps its
-    permissions; a new one gets the usual 0o666 minus umask, not ``mkstemp``'s private 0o600."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    mode = path.stat().st_mode & 0o7777 if path.exists() else 0o666 & ~_UMASK
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def _json_default(obj: Any) -> Any:
-    """Encodes what result dicts typically hold besides plain Python: numpy and torch numbers and
-    arrays, paths, and dataclasses such as ``Plan``."""
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return dataclasses.asdict(obj)
-    if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
-    if hasattr(obj, "tolist"):  # numpy scalars and arrays, torch tensors
-        return obj.tolist()
-    raise TypeError(f"write_json cannot encode an object of type {type(obj).__name__}: {obj!r:.80}")
-
-
-def write_json(obj: Any, path: str | os.PathLike) -> Path:
-    """Writes ``obj`` as JSON (indent 2, sorted keys, so diffs between runs are readable) atomically.
-    The text is built before the file is touched: an object that cannot be encoded raises and
-    leaves any previous file as it was."""
-    text = json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n"
-    return atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def _save_figure(fig: Figure, path: str | os.PathLike) -> Path:

@@ -9,6 +9,7 @@ layers no LoRA at all instead of a shared one.
 from __future__ import annotations
 
 import json
+import math
 import zlib
 from dataclasses import asdict, dataclass
 
@@ -18,6 +19,7 @@ from .config import STRATEGIES, LoraDropConfig
 
 Importance = dict[str, dict[int, float]]  # module type -> layer -> I (each type sums to 1)
 
+_SUM_TOL = 1e-6  # importance per type sums to 1 up to float rounding (and JSON's round trip)
 _TOL = 1e-9  # cumulative sums of floats that should reach T may fall short by rounding
 
 
@@ -106,6 +108,14 @@ def select(importance: Importance, cfg: LoraDropConfig) -> Plan:
     """The plan that ``cfg.strategy`` and ``cfg.threshold`` choose from per-type importance."""
     if not importance or any(not scores for scores in importance.values()):
         raise ValueError("importance is empty: it needs at least one module type with one layer")
+    for t, scores in importance.items():
+        values = [float(v) for v in scores.values()]
+        if not all(math.isfinite(v) and v >= 0 for v in values):
+            raise ValueError(f"importance of {t!r} must be finite and non-negative, got {scores}")
+    sums = {t: sum(float(v) for v in scores.values()) for t, scores in importance.items()}
+    if any(abs(total - 1.0) > _SUM_TOL for total in sums.values()):
+        raise ValueError(f"importance must sum to 1 within each module type (normalise g per type), but sums to "
+                         f"{', '.join(f'{t}: {total:.6g}' for t, total in sums.items())}")
     layers = {t: sorted(scores) for t, scores in importance.items()}
     return Plan(
         layers=layers,

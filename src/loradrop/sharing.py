@@ -16,11 +16,10 @@ from peft import PeftModel
 from peft.utils import ModulesToSaveWrapper
 
 from .config import LoraDropConfig
-from .fast_path import enable_fast_path
 from .importance import ImportanceResult
 from .rank_dropout import add_rank_dropout
 from .selection import Plan
-from .sites import Site, add_lora, find_sites, lora_layers, site_layers, sites_by_type
+from .sites import Site, add_lora, disable_fast_path, enable_fast_path, find_sites, lora_layers, site_layers, sites_by_type
 
 PLAN_ATTR = "loradrop_plan"
 CONFIG_ATTR = "loradrop_config"
@@ -71,6 +70,25 @@ def _share(model: nn.Module, sites: list[Site], adapter: str) -> None:
         layer.lora_B[adapter] = shared_b
 
 
+def restructure(model: PeftModel, plan: Plan, adapter_name: str = "default") -> PeftModel:
+    """Gives ``model`` the structure ``plan`` describes: per module type one LoRA shared by every
+    non-retained site (or no LoRA there, for a ``dropped`` plan). Weights are not touched: a shared
+    LoRA is the lowest sharing layer's. ``load_adapter`` builds a saved model with this alone."""
+    sites = find_sites(model)
+    _check_plan_matches(plan, sites)
+    for module_type, group in sites_by_type(sites).items():
+        others = [s for s in group if plan.role(module_type, s.layer) != "retained"]
+        if not others:
+            continue
+        if plan.others == "dropped":
+            for site in others:
+                _drop(model, site)
+        else:
+            _share(model, others, adapter_name)
+    setattr(model, PLAN_ATTR, plan)
+    return model
+
+
 def apply_plan(model: nn.Module, plan: Plan | ImportanceResult, cfg: LoraDropConfig) -> PeftModel:
     """Applies ``plan`` and returns the PEFT model to fine-tune.
 
@@ -78,15 +96,14 @@ def apply_plan(model: nn.Module, plan: Plan | ImportanceResult, cfg: LoraDropCon
     ``cfg`` says. With ``cfg.reinit`` every LoRA starts afresh as PEFT initialises it; without it,
     retained sites keep the probe's weights and a shared LoRA starts from its lowest layer's.
     ``cfg.rank_dropout > 0`` turns on DropLoRA's rank mask on every remaining site, and
-    ``cfg.fast_path`` loradrop's fast LoRA forward (same numbers as PEFT's, less memory traffic).
+    ``cfg.fast_path`` loradrop's fused LoRA forward (same numbers as PEFT's, less memory traffic).
     """
     result = plan if isinstance(plan, ImportanceResult) else None
     plan = result.plan if result is not None else plan
     if not isinstance(plan, Plan):
         raise ValueError(f"plan must be a loradrop Plan or ImportanceResult, got {type(plan).__name__}")
     peft_model = model if isinstance(model, PeftModel) else add_lora(model, cfg)
-    sites = find_sites(peft_model)
-    _check_plan_matches(plan, sites)
+    _check_plan_matches(plan, find_sites(peft_model))
     if cfg.reinit:
         _reinit(peft_model, cfg)
     elif result is not None and result.lora_state is not None and not isinstance(model, PeftModel):
@@ -94,20 +111,10 @@ def apply_plan(model: nn.Module, plan: Plan | ImportanceResult, cfg: LoraDropCon
         with torch.no_grad():
             for name, value in result.lora_state.items():
                 params[name].copy_(value)
-    for module_type, group in sites_by_type(sites).items():
-        others = [s for s in group if plan.role(module_type, s.layer) != "retained"]
-        if not others:
-            continue
-        if plan.others == "dropped":
-            for site in others:
-                _drop(peft_model, site)
-        else:
-            _share(peft_model, others, cfg.adapter_name)
+    restructure(peft_model, plan, cfg.adapter_name)
     if cfg.rank_dropout > 0:
         add_rank_dropout(peft_model, cfg.rank_dropout_config, adapter_name=cfg.adapter_name)
-    if cfg.fast_path:
-        enable_fast_path(peft_model)
-    setattr(peft_model, PLAN_ATTR, plan)
+    (enable_fast_path if cfg.fast_path else disable_fast_path)(peft_model)
     setattr(peft_model, CONFIG_ATTR, cfg)
     return peft_model
 

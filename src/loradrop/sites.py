@@ -16,6 +16,7 @@ from peft.tuners.lora import LoraLayer
 from peft.utils.error import NoMatchingPeftModuleError
 
 from .config import LoraDropConfig
+from .layer import as_loradrop_layer
 
 PEFT_PREFIX = "base_model.model."
 
@@ -27,6 +28,13 @@ _TASK_TYPES = {
     "ForQuestionAnswering": "QUESTION_ANS",
     "ForConditionalGeneration": "SEQ_2_SEQ_LM",
 }
+
+
+# LoRA targets by model type when target_modules is None: the paper's query/value for encoders (its
+# NLU setting) and q, k, v, o, up, down for Llama-family decoders (its NLG setting)
+_LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
+DEFAULT_TARGETS = {"bert": ["query", "value"], "roberta": ["query", "value"], "llama": _LLAMA_TARGETS,
+                   "mistral": _LLAMA_TARGETS, "qwen2": _LLAMA_TARGETS, "qwen3": _LLAMA_TARGETS, "gpt2": ["c_attn"]}
 
 
 @dataclass(frozen=True, order=True)
@@ -65,8 +73,10 @@ def _module_types(names: list[str]) -> list[str]:
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoraLayer]:
-    """Every PEFT LoRA layer of ``model`` by full module name."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
+    """Every PEFT LoRA layer of ``model`` by full module name, each given its LoRA-drop class
+    (``layer.LoraDropLinear``) in place: the rank mask, the probe's observer and the fast path are
+    attributes of that class."""
+    return {name: as_loradrop_layer(m, name) for name, m in model.named_modules() if isinstance(m, LoraLayer)}
 
 
 def find_sites(model: nn.Module) -> list[Site]:
@@ -98,13 +108,23 @@ def infer_task_type(model: nn.Module) -> str | None:
     return next((t for suffix, t in _TASK_TYPES.items() if cls.endswith(suffix)), None)
 
 
+def target_modules(cfg: LoraDropConfig, model: nn.Module) -> list[str] | str:
+    """``cfg.target_modules``, or the default targets of the model's type when it is None."""
+    if cfg.target_modules is not None:
+        return cfg.target_modules
+    model_type = getattr(getattr(model, "config", None), "model_type", "")
+    if model_type not in DEFAULT_TARGETS:
+        raise ValueError(f"no default LoRA targets for model type {model_type!r}: set target_modules, e.g. ['q_proj', 'v_proj']")
+    return DEFAULT_TARGETS[model_type]
+
+
 def lora_config(cfg: LoraDropConfig, model: nn.Module) -> LoraConfig:
     """The PEFT LoraConfig that a LoRA-drop config stands for."""
     return LoraConfig(
         r=cfg.r,
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,
-        target_modules=cfg.target_modules,
+        target_modules=target_modules(cfg, model),
         task_type=cfg.task_type or infer_task_type(model),
         modules_to_save=cfg.modules_to_save,
         **cfg.extra_lora_kwargs,
@@ -112,10 +132,10 @@ def lora_config(cfg: LoraDropConfig, model: nn.Module) -> LoraConfig:
 
 
 def add_lora(model: nn.Module, cfg: LoraDropConfig) -> PeftModel:
-    """Wraps a transformers model with PEFT LoRA as ``cfg`` says, with a clear error when the
-    target modules match nothing."""
+    """Wraps a transformers model with PEFT LoRA as ``cfg`` says, every site a ``LoraDropLinear``
+    with ``cfg.fast_path``; a clear error when the target modules match nothing."""
     try:
-        return get_peft_model(model, lora_config(cfg, model))
+        peft_model = get_peft_model(model, lora_config(cfg, model))
     except NoMatchingPeftModuleError:
         leaves = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
                          if not list(m.children()) and getattr(m, "weight", None) is not None and m.weight.dim() == 2})
@@ -123,3 +143,28 @@ def add_lora(model: nn.Module, cfg: LoraDropConfig) -> PeftModel:
             f"target_modules={cfg.target_modules!r} match no module of {type(model).__name__}; "
             f"its layers with a weight matrix are named {leaves}"
         ) from None
+    return set_on_sites(peft_model, fast_path=cfg.fast_path)
+
+
+def set_on_sites(model: nn.Module, **settings: object) -> nn.Module:
+    """Sets ``LoraDropLinear`` attributes (``fast_path``, ``rank_dropout``) on every LoRA site."""
+    for layer in lora_layers(model).values():
+        for name, value in settings.items():
+            setattr(layer, name, value)
+    return model
+
+
+def enable_fast_path(model: nn.Module) -> nn.Module:
+    """Gives every LoRA site of a PEFT model loradrop's fused forward (each call falls back to PEFT's
+    own where it does not apply). Returns the model."""
+    return set_on_sites(model, fast_path=True)
+
+
+def disable_fast_path(model: nn.Module) -> nn.Module:
+    """Every LoRA site runs PEFT's own forward. Returns the model."""
+    return set_on_sites(model, fast_path=False)
+
+
+def fast_path_enabled(model: nn.Module) -> bool:
+    """Whether any LoRA site of ``model`` has the fused forward on."""
+    return any(layer.fast_path for layer in lora_layers(model).values())

@@ -9,11 +9,13 @@ improves), ``best.json``, the report figures and finally ``results.json``. A run
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,148 +28,22 @@ from accelerate.utils import set_seed as seed_per_rank
 from datasets import DatasetDict
 from peft import PeftModel
 from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments, set_seed
-from transformers.trainer_utils import get_last_checkpoint
 
-from . import __version__
-from .adapter_io import describe_adapter, save_adapter
-from .config import LoraDropConfig, RankDropoutConfig
+from . import __version__, run_dir
+from .adapter_io import atomic_write_bytes, describe_adapter, save_adapter, write_json
+from .config import METHODS, LoraDropConfig, RunConfig, run_lora_defaults
 from .importance import ImportanceResult, evaluate_importance
 from .generate_eval import evaluate_generation
 from .models import load_causal_lm, load_classifier, tokenize_task
-from .report import atomic_write_bytes, importance_heatmap, output_norm_histograms, results_table, write_json
+from .report import importance_heatmap, output_norm_histograms, results_table
 from .selection import Plan, select
 from .sharing import apply_plan, lora_parameter_count
 from .sites import add_lora, find_sites, site_layers
-from .tasks.gen_metrics import GENERATION_METRICS
-from .tasks.generation import TRUNCATION_POLICIES, generation_collator, tokenize_generation
+from .tasks.generation import generation_collator, tokenize_generation
 from .tasks.metrics import compute_metrics, majority_baseline
 from .tasks.registry import Task, get_task, load_task
 from .tasks.user_data import load_user_task
 from .tasks.user_generation import load_user_generation_task
-
-# method -> (selection strategy or None for plain LoRA, rank dropout on)
-METHODS: dict[str, tuple[str | None, bool]] = {
-    "lora": (None, False),
-    "lora-drop": ("importance", False),
-    "droplora": (None, True),
-    "lora-drop+droplora": ("importance", True),
-    "inverse": ("inverse", False),
-    "random": ("random", False),
-    "top-k": ("top_k", False),
-    "no-share": ("no_share", False),
-}
-
-# LoRA targets by model type: the paper's query/value for encoders
-DEFAULT_TARGETS = {"bert": ["query", "value"], "roberta": ["query", "value"], "llama": ["q_proj", "v_proj"],
-                   "mistral": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"], "gpt2": ["c_attn"]}
-# LoRA targets of a causal LM fine-tuned on generation: every attention and MLP projection but the
-# gate (the usual LLM recipe), for the Llama family
-CAUSAL_LM_TARGETS = {t: ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
-                     for t in ("llama", "mistral", "qwen2", "qwen3")}
-
-
-@dataclass
-class RunConfig:
-    """What one run does. ``task`` names a bundled task, or ``data`` points to a CSV/JSONL file
-    with ``text_column`` / ``label_column`` (and ``text_pair_column``)."""
-
-    output_dir: str
-    method: str = "lora-drop"
-    task: str = "rotten-tomatoes"
-    data: str | None = None
-    text_column: str = "text"
-    text_pair_column: str | None = None
-    label_column: str = "label"
-    model: str = "minilm"
-    dtype: str = "float32"
-    target_modules: list[str] | None = None
-    r: int = 8
-    lora_alpha: float = 16
-    lora_dropout: float = 0.0
-    threshold: float = 0.9
-    sample_ratio: float = 0.1
-    probe_epochs: float = 3.0
-    probe_max_steps: int | None = None
-    probe_batch_size: int = 16
-    rank_dropout: float = 0.5
-    rank_dropout_granularity: str = "token"
-    fast_path: bool = True
-    epochs: float = 3.0
-    max_steps: int | None = None
-    batch_size: int = 32
-    learning_rate: float = 1e-3
-    max_length: int = 128
-    max_train_examples: int | None = None
-    eval_steps: int | None = None
-    seed: int = 0
-    show_progress: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
-    prompt_column: str | None = field(default=None, metadata={
-        "help": "column of the prompt in --data: makes it a generation task (with --response-column)"})
-    response_column: str = field(default="response", metadata={"help": "column of the response in --data"})
-    messages_column: str | None = field(default=None, metadata={
-        "help": "column of chat turns [{role, content}, ...] in --data, the last one the assistant's response"})
-    generation_metric: str = field(default="rougeL", metadata={
-        "help": "metric of a generation task from --data: exact_match, choice_accuracy, rougeL, bleu, chrf"})
-    truncation: str = field(default="drop", metadata={
-        "help": "examples longer than --max-length: 'drop' them or 'truncate' their response"})
-    max_new_tokens: int = field(default=256, metadata={"help": "cap on generated tokens per validation answer"})
-    generation_eval_examples: int = field(default=50, metadata={
-        "help": "validation examples answered by generation at each evaluation (greedy, on the CPU slow)"})
-
-    def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"method={self.method!r} is invalid: must be one of {', '.join(METHODS)}")
-        for name in ("epochs", "learning_rate"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not value > 0:
-                raise ValueError(f"{name}={value!r} is invalid: must be a positive number")
-        for name in ("max_steps", "max_train_examples", "eval_steps"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name}={value!r} is invalid: must be a positive integer or None")
-        for name in ("batch_size", "max_length"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r} is invalid: must be a positive integer")
-        if self.dtype not in ("float32", "bfloat16", "float16", "auto"):
-            raise ValueError(f"dtype={self.dtype!r} is invalid: must be float32, bfloat16, float16 or auto")
-        self.loradrop_config(["query"])  # validates the LoRA-drop fields now, not after loading a model
-        _check_generation_fields(self)
-        RankDropoutConfig(self.rank_dropout, self.rank_dropout_granularity)
-
-    def loradrop_config(self, target_modules: list[str]) -> LoraDropConfig:
-        strategy, rank_dropout = METHODS[self.method]
-        return LoraDropConfig(
-            target_modules=self.target_modules or target_modules,
-            r=self.r,
-            lora_alpha=self.lora_alpha,
-            lora_dropout=self.lora_dropout,
-            threshold=self.threshold if strategy else 1.0,
-            sample_ratio=self.sample_ratio,
-            probe_epochs=self.probe_epochs,
-            probe_max_steps=self.probe_max_steps,
-            probe_batch_size=self.probe_batch_size,
-            strategy=strategy or "importance",
-            seed=self.seed,
-            rank_dropout=self.rank_dropout if rank_dropout else 0.0,
-            rank_dropout_granularity=self.rank_dropout_granularity,
-            fast_path=self.fast_path,
-        )
-
-
-def _check_generation_fields(cfg: RunConfig) -> None:
-    if cfg.truncation not in TRUNCATION_POLICIES:
-        raise ValueError(f"truncation={cfg.truncation!r} is invalid: must be one of {', '.join(TRUNCATION_POLICIES)}")
-    if cfg.generation_metric not in GENERATION_METRICS:
-        raise ValueError(f"generation_metric={cfg.generation_metric!r} is invalid: must be one of {', '.join(GENERATION_METRICS)}")
-    for name in ("max_new_tokens", "generation_eval_examples"):
-        value = getattr(cfg, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}={value!r} is invalid: must be a positive integer")
-    if cfg.prompt_column and cfg.messages_column:
-        raise ValueError("give either prompt_column (with response_column) or messages_column, not both")
-
 
 def _state() -> PartialState:
     """accelerate's view of the launch. Without CUDA, torchrun's processes are CPU ranks (gloo),
@@ -196,17 +72,6 @@ def _limit(dataset: Any, n: int | None, seed: int) -> Any:
     return dataset.shuffle(seed=seed).select(range(n))
 
 
-def _targets(model: torch.nn.Module, cfg: RunConfig, generation: bool = False) -> list[str]:
-    if cfg.target_modules:
-        return cfg.target_modules
-    model_type = getattr(model.config, "model_type", "")
-    if generation and model_type in CAUSAL_LM_TARGETS:
-        return CAUSAL_LM_TARGETS[model_type]
-    if model_type not in DEFAULT_TARGETS:
-        raise ValueError(f"no default LoRA targets for model type {model_type!r}: pass target_modules, e.g. ['q_proj', 'v_proj']")
-    return DEFAULT_TARGETS[model_type]
-
-
 def _prepare(cfg: RunConfig) -> tuple[Task, Any, Any, Any, Any, LoraDropConfig]:
     """Task, raw and tokenized data, model, tokenizer and LoRA-drop config of a run."""
     task, data = _load_data(cfg)
@@ -216,7 +81,7 @@ def _prepare(cfg: RunConfig) -> tuple[Task, Any, Any, Any, Any, LoraDropConfig]:
     model, tokenizer = load_classifier(cfg.model, task.num_labels, task.label_names, cfg.dtype)
     model.to(_state().device)  # the probe runs before the Trainer would move the model
     tokenized = tokenize_task(data, tokenizer, task, cfg.max_length)
-    return task, data, model, tokenizer, tokenized, cfg.loradrop_config(_targets(model, cfg))
+    return task, data, model, tokenizer, tokenized, cfg.loradrop_config()
 
 
 def _prepare_generation(cfg: RunConfig, task: Task, data: Any) -> tuple[Task, Any, Any, Any, Any, LoraDropConfig]:
@@ -227,7 +92,7 @@ def _prepare_generation(cfg: RunConfig, task: Task, data: Any) -> tuple[Task, An
     tokenized, reports = tokenize_generation(data, tokenizer, cfg.max_length, cfg.truncation)
     tokenized = _GenerationData(tokenized)
     tokenized.length_report = {split: asdict(r) for split, r in reports.items()}
-    return task, data, model, tokenizer, tokenized, cfg.loradrop_config(_targets(model, cfg, generation=True))
+    return task, data, model, tokenizer, tokenized, cfg.loradrop_config()
 
 
 class _GenerationData(DatasetDict):
@@ -386,14 +251,29 @@ def run(cfg: RunConfig, importance_from: Path | None = None) -> dict[str, Any]:
     """Runs (or resumes, or returns the finished) run in ``cfg.output_dir``; returns results.json's
     content. ``importance_from`` reuses another run's probe (same data, model and seed)."""
     out = Path(cfg.output_dir)
+    had_config = run_dir.check_run_dir(out, asdict(cfg))  # a rerun resumes only the same run
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    locked = False
+    try:
+        with run_dir.exclusive_lock(out / run_dir.LOCK_FILE, out) if _is_main() else contextlib.nullcontext():
+            locked = True
+            had_config = run_dir.check_run_dir(out, asdict(cfg))  # again, now that this process holds it
+            return _run_locked(cfg, out, importance_from, had_config or not _is_main())
+    except Exception:
+        if locked and _is_main():  # after the lock is released: its file is gone
+            run_dir.remove_if_unused(out, created, not had_config)
+        raise
+
+
+def _run_locked(cfg: RunConfig, out: Path, importance_from: Path | None, had_config: bool) -> dict[str, Any]:
     results_file = out / "results.json"
     if results_file.exists():
         return json.loads(results_file.read_text())
-    out.mkdir(parents=True, exist_ok=True)
-    if _is_main():
-        write_json(asdict(cfg), out / "run_config.json")
     set_seed(cfg.seed)
     task, data, model, tokenizer, tokenized, ld_cfg = _prepare(cfg)
+    if not had_config:  # written once the data and the model loaded: a run that cannot start leaves none
+        write_json(asdict(cfg), out / run_dir.RUN_CONFIG)
     generation = task.label_kind == "generation"
     gen_metric = _GenerationMetric(task, tokenizer, data["validation"], cfg) if generation else None
     base_scores = _base_scores(gen_metric, model, out) if gen_metric else None
@@ -415,13 +295,16 @@ def run(cfg: RunConfig, importance_from: Path | None = None) -> dict[str, Any]:
         callbacks=([gen_metric] if gen_metric else []) + [keep_best := _KeepBest(out)],
     )
     seed_per_rank(cfg.seed, device_specific=True)  # rank-dropout masks differ by rank, reproducibly
-    checkpoint = get_last_checkpoint(str(out / "checkpoints")) if (out / "checkpoints").is_dir() else None
+    checkpoint = run_dir.newest_complete_checkpoint(out / "checkpoints", set_aside=_is_main())
     train_start = time.perf_counter()
     trainer.train(resume_from_checkpoint=checkpoint)
     if trainer.state.global_step % trainer.args.eval_steps:  # the last steps were not evaluated yet
         trainer.evaluate()
     train_seconds = time.perf_counter() - train_start
     _state().wait_for_everyone()  # the main process has written the best adapter
+    if keep_best.best is None:
+        raise ValueError(f"every evaluation of {out} gave {task.metric} = nan (the model's predictions did not vary), "
+                         "so no adapter was kept: train longer or with another learning rate, or check the labels")
 
     adapter = describe_adapter(out / "adapter")
     results = {
@@ -469,11 +352,16 @@ def _base_scores(gen_metric: _GenerationMetric, model: Any, out: Path) -> dict[s
 
 
 def probe(cfg: RunConfig) -> dict[str, Any]:
-    """LoRA-drop's stage 1 alone: probe, plan, heatmap and histograms in ``cfg.output_dir``."""
+    """LoRA-drop's stage 1 alone: probe, plan, heatmap and histograms in ``cfg.output_dir`` (locked
+    against a second process, like a run directory)."""
     out = Path(cfg.output_dir)
-    set_seed(cfg.seed)
-    _, _, model, tokenizer, tokenized, ld_cfg = _prepare(cfg)
-    return _probe_and_record(model, tokenized["train"], tokenizer, cfg, ld_cfg, out)
+    if os.path.lexists(out) and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a directory: pick another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    with run_dir.exclusive_lock(out / run_dir.LOCK_FILE, out) if _is_main() else contextlib.nullcontext():
+        set_seed(cfg.seed)
+        _, _, model, tokenizer, tokenized, ld_cfg = _prepare(cfg)
+        return _probe_and_record(model, tokenized["train"], tokenizer, cfg, ld_cfg, out)
 
 
 # -- the demo ------------------------------------------------------------------------------------
@@ -485,7 +373,7 @@ def demo_config(out: Path, method: str, steps: int, train_examples: int, seed: i
     lr 1e-3, ``steps`` steps on ``train_examples`` examples; the probe gets 3 epochs on 10 % of them."""
     return RunConfig(output_dir=str(out / f"{method}-seed{seed}"), method=method, task="rotten-tomatoes",
                      model="minilm", max_train_examples=train_examples, max_steps=steps, eval_steps=max(1, steps // 3),
-                     batch_size=32, learning_rate=1e-3, max_length=48, seed=seed)
+                     batch_size=32, learning_rate=1e-3, max_length=48, lora=replace(run_lora_defaults(), seed=seed))
 
 
 def run_demo(out: Path, steps: int = 300, train_examples: int = 6400, seed: int = 0,

@@ -12,7 +12,7 @@ import re
 from collections.abc import Callable, Sequence
 from decimal import Decimal, InvalidOperation
 
-GENERATION_METRICS = ("exact_match", "choice_accuracy", "rougeL", "bleu", "chrf")
+from ..config import GENERATION_METRICS
 
 _NUMBER = re.compile(r"-?\$?\s*\d[\d,]*(?:\.\d+)?|-?\$?\s*\.\d+")
 _GSM_ANSWER = re.compile(r"####\s*([^\n]*)")

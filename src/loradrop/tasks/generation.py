@@ -18,7 +18,7 @@ from datasets import DatasetDict
 from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase
 
 IGNORE_INDEX = -100  # the label PyTorch's cross-entropy skips
-TRUNCATION_POLICIES = ("drop", "truncate")
+from ..config import TRUNCATION_POLICIES
 PLAIN_SEPARATOR = "\n"  # between prompt and response when the tokenizer has no chat template
 
 

@@ -22,11 +22,21 @@ Row = dict[str, Any]
 
 
 def _read_delimited(path: Path, delimiter: str) -> tuple[list[str], list[Row]]:
-    """``utf-8-sig`` so a spreadsheet's byte-order mark does not end up in the first column's name."""
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        reader = csv.DictReader(f, delimiter=delimiter)
-        rows = list(reader)
-        return list(reader.fieldnames or []), rows
+    """``utf-8-sig`` so a spreadsheet's byte-order mark does not end up in the first column's name.
+    Python's csv refuses fields over 131,072 characters by default; a long document is a fine text,
+    so the limit is raised to the file's size while it is read (and put back after)."""
+    limit = csv.field_size_limit()
+    csv.field_size_limit(max(limit, min(path.stat().st_size + 1, 2**31 - 1)))
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            reader = csv.DictReader(f, delimiter=delimiter)
+            try:
+                rows = list(reader)
+            except csv.Error as err:
+                raise ValueError(f"line {reader.line_num} of {path} is not valid {path.suffix[1:].upper()}: {err}") from None
+            return list(reader.fieldnames or []), rows
+    finally:
+        csv.field_size_limit(limit)
 
 
 def _json_object(value: Any, where: str) -> Row:
@@ -75,7 +85,11 @@ def _read_columns(path: Path, columns: list[str]) -> dict[str, list[Any]]:
     suffix = path.suffix.lower()
     if suffix not in _READERS:
         raise ValueError(f"unsupported file type {suffix or '(no extension)'!r} for {path}: use {', '.join(_READERS)}")
-    available, rows = _READERS[suffix](path)
+    try:
+        available, rows = _READERS[suffix](path)
+    except UnicodeDecodeError as err:
+        bad = err.object[err.start:err.start + 1].hex()
+        raise ValueError(f"{path} is not UTF-8 text (byte 0x{bad} cannot be decoded): save it as UTF-8") from None
     if not rows:
         raise ValueError(f"{path} is empty: it has no data rows")
     for column in columns:
@@ -101,6 +115,17 @@ def _number(value: Any) -> float | None:
         return float(str(value).strip())
     except ValueError:
         return None
+
+
+def _check_labels(values: list[Any], path: Path, label_column: str) -> None:
+    """A NaN label is a missing one (what pandas writes for an empty cell); an infinite one is no class
+    and no regression target. Either would otherwise decide the label kind or become a class."""
+    for i, value in enumerate(values, 1):
+        number = _number(value)
+        if number is not None and math.isnan(number):
+            raise ValueError(f"row {i} of {path} has a missing label ({value!r}) in column {label_column!r}")
+        if number is not None and math.isinf(number):
+            raise ValueError(f"row {i} of {path} has the label {value!r} in column {label_column!r}: not a finite number")
 
 
 def _infer_label_kind(values: list[Any]) -> str:
@@ -188,6 +213,7 @@ def load_user_task(path: str | Path, text_column: str, label_column: str, text_p
     path = Path(path)
     wanted = [c for c in (text_column, text_pair_column, label_column) if c]
     raw = _read_columns(path, wanted)
+    _check_labels(raw[label_column], path, label_column)
     task = _make_task(path, raw[label_column], label_column, text_column, text_pair_column, label_kind)
     train = _columns(raw, task, text_column, text_pair_column, label_column, path)
     n = len(train["label"])
@@ -198,6 +224,8 @@ def load_user_task(path: str | Path, text_column: str, label_column: str, text_p
         train_idx, val_idx = split_rows(keys, strata, validation_ratio, seed)
         return task, to_dataset_dict(task, train, train_idx, val_idx)
     validation_path = Path(validation_path)
-    val = _columns(_read_columns(validation_path, wanted), task, text_column, text_pair_column, label_column, validation_path)
+    val_raw = _read_columns(validation_path, wanted)
+    _check_labels(val_raw[label_column], validation_path, label_column)
+    val = _columns(val_raw, task, text_column, text_pair_column, label_column, validation_path)
     both = {c: train[c] + val[c] for c in train}
     return task, to_dataset_dict(task, both, list(range(n)), list(range(n, n + len(val["label"]))))

@@ -5,11 +5,13 @@ import pytest
 import torch
 import torch.nn as nn
 from peft import LoraConfig, get_peft_model
+from peft.tuners import lora
 
 from conftest import cls_dataset, padded_batch, randomize_lora, tiny_bert, tiny_gpt2, tiny_llama
 from loradrop import (
     ImportanceProbe,
     LoraDropConfig,
+    LoraDropLinear,
     Plan,
     apply_plan,
     disable_fast_path,
@@ -19,7 +21,7 @@ from loradrop import (
     load_adapter,
     save_adapter,
 )
-from loradrop.fast_path import _LoraLinearFunction
+from loradrop.layer import _LoraLinearFunction
 from loradrop.sites import lora_layers
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
@@ -197,7 +199,7 @@ def test_gradient_checkpointing_replays_masks_on_the_fast_path(fast_calls):
 
 
 def test_probe_scores_are_the_same_on_the_fast_path(fast_calls):
-    model = peft_llama()
+    model = disable_fast_path(peft_llama())
     batch = padded_batch()
     with ImportanceProbe(model) as reference, torch.no_grad():
         model(**batch)
@@ -211,14 +213,15 @@ def test_probe_scores_are_the_same_on_the_fast_path(fast_calls):
         assert got[site] == pytest.approx(want[site], rel=1e-5), site
 
 
-def test_evaluate_importance_uses_it_and_restores_the_model_setting(fast_calls):
-    model = get_peft_model(tiny_bert(), LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"]))
-    evaluate_importance(model, cls_dataset(), LoraDropConfig(target_modules=["query", "value"], r=4, sample_ratio=0.5,
-                                                             probe_max_steps=2))
-    assert fast_calls and not fast_path_enabled(model)
+def test_evaluate_importance_keeps_a_peft_models_setting_and_gives_a_plain_model_the_configs(fast_calls):
+    cfg = LoraDropConfig(target_modules=["query", "value"], r=4, sample_ratio=0.5, probe_max_steps=2)
+    model = disable_fast_path(get_peft_model(tiny_bert(), LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"])))
+    evaluate_importance(model, cls_dataset(), cfg)
+    assert not fast_calls and not fast_path_enabled(model)
+    evaluate_importance(tiny_bert(), cls_dataset(), cfg)
+    assert fast_calls
     calls = len(fast_calls)
-    evaluate_importance(model, cls_dataset(), LoraDropConfig(target_modules=["query", "value"], r=4, sample_ratio=0.5,
-                                                             probe_max_steps=2, fast_path=False))
+    evaluate_importance(tiny_bert(), cls_dataset(), LoraDropConfig(**{**cfg.to_dict(), "fast_path": False}))
     assert len(fast_calls) == calls
 
 
@@ -240,23 +243,69 @@ def test_save_load_and_merge(tmp_path):
         assert rel(merged(**batch).logits, want) <= 1e-5
 
 
-def test_deepcopy_binds_the_fast_forward_to_the_copy():
-    model = enable_fast_path(peft_llama())
-    clone = copy.deepcopy(model)
-    for layer in lora_layers(clone).values():
-        assert layer.forward.__self__ is layer
-    disable_fast_path(clone)
-    assert fast_path_enabled(model) and not fast_path_enabled(clone)
+def planned_llama():
+    """LoRA-drop (shared LoRA) + DropLoRA + the fast path on a tiny Llama, in eval mode."""
+    plan = Plan(layers={t: [0, 1, 2] for t in LLAMA_TARGETS}, retained={t: [1] for t in LLAMA_TARGETS})
+    cfg = LoraDropConfig(target_modules=LLAMA_TARGETS, r=4, rank_dropout=0.5)
+    model = apply_plan(tiny_llama(layers=3), plan, cfg)
+    randomize_lora(model)
+    return model.eval()
 
 
-def test_a_forward_replaced_by_someone_else_is_left_alone():
-    model = peft_llama()
-    layer = next(iter(lora_layers(model).values()))
-    layer.forward = replaced = lambda x: x
-    enable_fast_path(model)
-    assert layer.forward is replaced
-    disable_fast_path(model)
-    assert layer.forward is replaced
+def test_the_layer_is_a_class_not_a_patched_instance():
+    model = planned_llama()
+    layers = lora_layers(model)
+    assert layers and all(type(layer) is LoraDropLinear and "forward" not in layer.__dict__ for layer in layers.values())
+    assert all(layer.rank_dropout.p == 0.5 and layer.fast_path for layer in layers.values())
+
+
+def test_deepcopy_pickle_and_compile_keep_the_outputs(tmp_path, fast_calls):
+    model = planned_llama()
+    batch = padded_batch()
+    with torch.no_grad():
+        want = model(**batch).logits
+    assert fast_calls
+    torch.save(model, tmp_path / "model.pt")
+    restored = torch.load(tmp_path / "model.pt", weights_only=False)
+    for other in (copy.deepcopy(model), restored):
+        layers = lora_layers(other)
+        assert all(type(l) is LoraDropLinear and l.rank_dropout.p == 0.5 for l in layers.values())
+        q = {name.split(".")[4]: l.lora_A["default"] for name, l in layers.items() if name.endswith("q_proj")}
+        assert q["0"] is q["2"] and q["1"] is not q["0"]  # the tie survives
+        with torch.no_grad():
+            assert torch.equal(other(**batch).logits, want)
+    compiled = torch.compile(model, backend="eager")  # dynamo traces the layer; no C++ compiler needed
+    with torch.no_grad():
+        assert rel(compiled(**batch).logits, want) <= 1e-6
+
+
+def test_outside_the_tested_versions_every_call_is_peft(monkeypatch, fast_calls):
+    model = planned_llama()
+    batch = padded_batch()
+    with torch.no_grad():
+        want = model(**batch).logits
+    calls = len(fast_calls)
+    monkeypatch.setattr("loradrop.layer.FAST_PATH_SUPPORTED", False)
+    with torch.no_grad():
+        assert rel(model(**batch).logits, want) <= 1e-6
+    assert len(fast_calls) == calls
+
+
+def test_a_peft_internal_that_is_missing_means_peft_forward(monkeypatch, fast_calls):
+    """A PEFT release that keeps ``merged_adapters`` elsewhere than the instance: the fast path cannot
+    read it, so every site runs PEFT's own forward (with the same outputs), instead of raising."""
+    model = planned_llama()
+    batch = padded_batch()
+    with torch.no_grad():
+        want = model(**batch).logits
+    calls = len(fast_calls)
+    monkeypatch.setattr(lora.Linear, "merged_adapters", [], raising=False)
+    for layer in lora_layers(model).values():
+        monkeypatch.delitem(layer.__dict__, "merged_adapters")
+    with torch.no_grad():
+        got = model(**batch).logits
+    assert len(fast_calls) == calls
+    assert rel(got, want) <= 1e-6
 
 
 # -- fall-backs: PEFT's own forward, bit for bit ------------------------------------------------------
