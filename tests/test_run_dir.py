@@ -78,7 +78,7 @@ def test_another_method_on_a_finished_run_is_refused(finished, model_dir):
                             "settings to resume it, or pick another --out")
     result = invoke(cli_args(out, model_dir, method="lora-drop", seed=1, learning_rate=0.002))
     assert result.exit_code == 2
-    one_line(result.stderr, "learning_rate 0.001 there, 0.002 now; seed 0 there, 1 now")
+    one_line(result.stderr, "learning_rate 0.001 there, 0.002 now; lora.seed 0 there, 1 now")
     assert tree(out) == before
     # the same run again: the finished results, whatever the progress bars
     assert run(dataclasses.replace(tiny_run(out, model_dir, method="lora-drop"), show_progress=True)) == results
@@ -126,7 +126,7 @@ def test_a_kill_during_a_checkpoint_save_resumes_from_the_previous_one(tmp_path,
     assert checkpoint_problem(partial) == "trainer_state.json is missing or unreadable"
 
     # case 2 on an unfinished run: another seed does not resume this checkpoint
-    with pytest.raises(ValueError, match="holds another run \\(seed 0 there, 1 now\\)"):
+    with pytest.raises(ValueError, match="holds another run \\(lora.seed 0 there, 1 now\\)"):
         run(tiny_run(out, model_dir, method=method, seed=1))
 
     resumed = run(cfg)
@@ -203,11 +203,11 @@ def test_a_second_process_on_one_run_directory_exits_2(tmp_path, model_dir):
 
 # -- case 5e and 6: settings and paths refused before anything is written ---------------------------
 @pytest.mark.parametrize("extra,message", [
-    (["--learning-rate", "inf"], "learning_rate=inf is invalid: must be a finite positive number"),
+    (["--learning-rate", "inf"], "learning_rate=inf is invalid: must be a finite number > 0"),
     (["--epochs", "inf"], "epochs=inf is invalid"),
     (["--method", "lora", "--threshold", "nan"], "threshold=nan is invalid"),
-    (["--target-modules", ",,"], "--target-modules ',,' names no module"),
-    (["--target-modules", ""], "--target-modules '' names no module"),
+    (["--target-modules", ",,"], "target_modules=',,' is invalid"),
+    (["--target-modules", ""], "target_modules='' is invalid"),
 ])
 def test_settings_accepted_then_wrong_are_refused(tmp_path, extra, message):
     result = invoke(["train", "--out", tmp_path / "run", *extra])

@@ -42,7 +42,7 @@ def _option_type(hint: Any) -> Any:
 def _config_parameters(exclude: frozenset[str]) -> list[inspect.Parameter]:
     """One keyword parameter per CLI field of RunConfig and of its LoraDropConfig, with the field's
     help and the run's default: typer turns them into ``--option-name`` options."""
-    defaults = {**{f.name: f.default for f in cli_fields(RunConfig)}, **asdict(run_lora_defaults())}
+    run_lora = asdict(run_lora_defaults())
     params = []
     for cls in (RunConfig, LoraDropConfig):
         hints = typing.get_type_hints(cls)
@@ -50,7 +50,7 @@ def _config_parameters(exclude: frozenset[str]) -> list[inspect.Parameter]:
             if f.name in exclude:
                 continue
             names = ("--out",) if f.name == "output_dir" else ()
-            default = defaults[f.name]
+            default = run_lora[f.name] if cls is LoraDropConfig else f.default
             annotation = Annotated[_option_type(hints[f.name]), typer.Option(*names, help=f.metadata["help"])]
             params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
                                             default=inspect.Parameter.empty if default is MISSING else default))

@@ -22,6 +22,8 @@ def _check_number(name: str, value: Any, lo: float, hi: float, lo_open: bool, hi
     """Checks lo <(=) value <(=) hi, rejecting NaN, bools and non-numbers."""
     left, right = ("(" if lo_open else "["), (")" if hi_open else "]")
     allowed = f"must be a number in {left}{lo}, {hi}{right}"
+    if hi == math.inf:
+        allowed = f"must be a finite number {'>' if lo_open else '>='} {lo}"
     if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
         _fail(name, value, allowed)
     if (value <= lo if lo_open else value < lo) or (value >= hi if hi_open else value > hi):
