@@ -85,9 +85,15 @@ def test_export_onto_the_recorded_base(tmp_path, adapter):
     (["train", "--out", "{tmp}/r", "--data", "{tmp}/d.csv", "--label-column", "y"], "'y'"),
     (["compare", "{tmp}"], "has no results.json"),
     (["importance", "--out", "{tmp}/d.csv"], "exists and is not a directory"),
+    (["train", "--out", "{tmp}/r", "--model", "{tmp}/nope"], "does not exist"),
+    (["train", "--out", "{tmp}/r", "--model", "{tmp}/broken"], "is not valid JSON"),
+    (["train", "--out", "{tmp}/r", "--model", "{tmp}/empty"], "holds no model"),
 ])
 def test_bad_input_exits_2_with_one_line(tmp_path, args, message):
     (tmp_path / "d.csv").write_text("text,label\nfine film,pos\nawful,neg\n")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{")
+    (tmp_path / "empty").mkdir()
     result = invoke(*[a.replace("{tmp}", str(tmp_path)) for a in args])
     assert_bad_input(result, message)
 
