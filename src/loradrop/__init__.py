@@ -2,7 +2,7 @@
 
 from .adapter_io import describe_adapter, export_peft, load_adapter, save_adapter
 from .config import LoraDropConfig, RankDropoutConfig, RunConfig
-from .importance import ImportanceProbe, ImportanceResult, evaluate_importance
+from .probe import ImportanceProbe, ImportanceResult, evaluate_importance
 from .layer import LoraDropLinear
 from .rank_dropout import add_rank_dropout, remove_rank_dropout
 from .selection import Plan, select

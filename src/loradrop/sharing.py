@@ -16,7 +16,7 @@ from peft import PeftModel
 from peft.utils import ModulesToSaveWrapper
 
 from .config import LoraDropConfig
-from .importance import ImportanceResult
+from .probe import ImportanceResult
 from .rank_dropout import add_rank_dropout
 from .selection import Plan
 from .sites import Site, add_lora, disable_fast_path, enable_fast_path, find_sites, lora_layers, site_layers, sites_by_type

@@ -32,7 +32,7 @@ from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, Trai
 from . import __version__, run_dir
 from .adapter_io import atomic_write_bytes, describe_adapter, save_adapter, write_json
 from .config import METHODS, LoraDropConfig, RunConfig, run_lora_defaults
-from .importance import ImportanceResult, evaluate_importance
+from .probe import ImportanceResult, evaluate_importance
 from .generate_eval import evaluate_generation
 from .models import load_causal_lm, load_classifier, tokenize_task
 from .report import importance_heatmap, output_norm_histograms, results_table
