@@ -129,7 +129,7 @@ def version() -> None:
 @_fail_cleanly
 def demo(
     out: Annotated[Path, typer.Option(help="where runs and the report go")] = Path("demo-out"),
-    steps: Annotated[int, typer.Option(min=1, help="training steps per method")] = 200,
+    steps: Annotated[int, typer.Option(min=1, help="training steps per method")] = 120,
     train_examples: Annotated[int, typer.Option(min=32, help="training examples drawn from the task")] = 6400,
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
 ) -> None:

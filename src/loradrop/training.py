@@ -376,7 +376,7 @@ def demo_config(out: Path, method: str, steps: int, train_examples: int, seed: i
                      batch_size=32, learning_rate=1e-3, max_length=48, lora=replace(run_lora_defaults(), seed=seed))
 
 
-def run_demo(out: Path, steps: int = 200, train_examples: int = 6400, seed: int = 0,
+def run_demo(out: Path, steps: int = 120, train_examples: int = 6400, seed: int = 0,
              methods: tuple[str, ...] = DEMO_METHODS) -> list[dict[str, Any]]:
     """Runs each method (resuming finished or killed ones), writes ``out/report`` (results table,
     importance heatmap, output-norm histograms) and returns one results row per method."""
