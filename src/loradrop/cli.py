@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import inspect
 import json
 import sys
 import typing
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import MISSING, asdict
+from inspect import Parameter, Signature, signature
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -39,7 +39,7 @@ def _option_type(hint: Any) -> Any:
     return Optional[args[0]] if args else hint
 
 
-def _config_parameters(exclude: frozenset[str]) -> list[inspect.Parameter]:
+def _config_parameters(exclude: frozenset[str]) -> list[Parameter]:
     """One keyword parameter per CLI field of RunConfig and of its LoraDropConfig, with the field's
     help and the run's default: typer turns them into ``--option-name`` options."""
     run_lora = asdict(run_lora_defaults())
@@ -52,8 +52,8 @@ def _config_parameters(exclude: frozenset[str]) -> list[inspect.Parameter]:
             names = ("--out",) if f.name == "output_dir" else ()
             default = run_lora[f.name] if cls is LoraDropConfig else f.default
             annotation = Annotated[_option_type(hints[f.name]), typer.Option(*names, help=f.metadata["help"])]
-            params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
-                                            default=inspect.Parameter.empty if default is MISSING else default))
+            params.append(Parameter(f.name, Parameter.KEYWORD_ONLY, annotation=annotation,
+                                            default=Parameter.empty if default is MISSING else default))
     return params
 
 
@@ -61,8 +61,8 @@ def _with_config_options(exclude: frozenset[str] = frozenset()) -> Callable:
     """Gives a command taking ``**options`` an option for every config field (one edit adds a field
     to the dataclass, its validation and both commands)."""
     def decorate(command: Callable) -> Callable:
-        own = [p for p in inspect.signature(command).parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
-        command.__signature__ = inspect.Signature(own + _config_parameters(exclude))
+        own = [p for p in signature(command).parameters.values() if p.kind is not Parameter.VAR_KEYWORD]
+        command.__signature__ = Signature(own + _config_parameters(exclude))
         command.__annotations__ = {p.name: p.annotation for p in command.__signature__.parameters.values()}
         return command
 

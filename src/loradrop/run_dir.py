@@ -165,13 +165,18 @@ def run_config_differences(stored: dict[str, Any], current: dict[str, Any]) -> l
             for k in sorted(set(before) | set(now)) if before.get(k, "(unset)") != now.get(k, "(unset)")]
 
 
+def check_out_dir(out: Path) -> None:
+    """An ``--out`` that exists must be a directory (a run's or a probe's)."""
+    if os.path.lexists(out) and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a directory: pick another --out")
+
+
 def check_run_dir(out: str | os.PathLike, config: dict[str, Any]) -> bool:
     """Raises ValueError unless ``out`` can hold the run ``config`` describes: a new or non-run
     directory, or a run directory whose ``run_config.json`` has the same settings. Returns whether
     ``run_config.json`` is already there."""
     out = Path(out)
-    if os.path.lexists(out) and not out.is_dir():
-        raise ValueError(f"--out {out} exists and is not a directory: pick another --out")
+    check_out_dir(out)
     file = out / RUN_CONFIG
     if not file.is_file():
         found = [name for name in RUN_ARTIFACTS if (out / name).exists()]

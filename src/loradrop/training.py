@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import platform
 import time
 from dataclasses import asdict, replace
@@ -355,8 +354,7 @@ def probe(cfg: RunConfig) -> dict[str, Any]:
     """LoRA-drop's stage 1 alone: probe, plan, heatmap and histograms in ``cfg.output_dir`` (locked
     against a second process, like a run directory)."""
     out = Path(cfg.output_dir)
-    if os.path.lexists(out) and not out.is_dir():
-        raise ValueError(f"--out {out} exists and is not a directory: pick another --out")
+    run_dir.check_out_dir(out)
     out.mkdir(parents=True, exist_ok=True)
     with run_dir.exclusive_lock(out / run_dir.LOCK_FILE, out) if _is_main() else contextlib.nullcontext():
         set_seed(cfg.seed)
