@@ -36,6 +36,7 @@ def test_generation_run(tmp_path, llama_dir):
     results = run(cfg)
     assert results["metric_name"] == "exact_match" and results["majority_baseline"] is None
     assert set(results["base_model_scores"]) == {"metric", "exact_match"}
+    assert results["liger"] == {"applied": [], "reason": "the model is on cpu: Liger's kernels run on CUDA only"}
     assert results["generation_eval_examples"] == 2
     # 21 distinct prompts, 2 held out; every prompt + response fits in 24 tokens
     assert results["length_report"] == {"train": {"kept": 19, "dropped": 0, "truncated": 0},

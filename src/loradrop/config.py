@@ -218,6 +218,9 @@ class RunConfig:
     max_new_tokens: int = field(default=256, metadata=_help("cap on generated tokens per validation answer"))
     generation_eval_examples: int = field(default=50, metadata=_help(
         "validation examples answered by generation at each evaluation (greedy; slow on a CPU)"))
+    liger: bool = field(default=True, metadata=_help(
+        "Liger's kernels (RoPE, RMSNorm, SwiGLU, fused linear cross-entropy) on a causal LM on CUDA, "
+        "where liger-kernel supports its type"))
     show_progress: bool = field(default=True, metadata=_help("progress bars", cli=False))
     extra: dict[str, Any] = field(default_factory=dict, metadata=_help("more TrainingArguments", cli=False))
     lora: LoraDropConfig = field(default_factory=run_lora_defaults, metadata=_help("LoRA-drop settings", cli=False))

@@ -33,6 +33,7 @@ from .adapter_io import atomic_write_bytes, describe_adapter, save_adapter, writ
 from .config import METHODS, LoraDropConfig, RunConfig, run_lora_defaults
 from .probe import ImportanceResult, evaluate_importance
 from .generate_eval import evaluate_generation
+from .liger import apply_liger, liger_report
 from .models import load_causal_lm, load_classifier, tokenize_task
 from .report import importance_heatmap, output_norm_histograms, results_table
 from .selection import Plan, select
@@ -274,6 +275,8 @@ def _run_locked(cfg: RunConfig, out: Path, importance_from: Path | None, had_con
     if not had_config:  # written once the data and the model loaded: a run that cannot start leaves none
         write_json(asdict(cfg), out / run_dir.RUN_CONFIG)
     generation = task.label_kind == "generation"
+    liger = (apply_liger(model, cfg.liger) if generation
+             else liger_report(reason="a classifier: Liger is applied to causal LMs"))
     gen_metric = _GenerationMetric(task, tokenizer, data["validation"], cfg) if generation else None
     base_scores = _base_scores(gen_metric, model, out) if gen_metric else None
 
@@ -329,6 +332,7 @@ def _run_locked(cfg: RunConfig, out: Path, importance_from: Path | None, had_con
                     "total_seconds": time.perf_counter() - start},
         "versions": _versions(),
         "device": str(peft_model.device),
+        "liger": liger,
     }
     if generation:
         results.update(base_model_scores=base_scores, length_report=tokenized.length_report,
