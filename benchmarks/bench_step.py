@@ -218,7 +218,7 @@ def run_variant(base, v: Variant, batch, r, warmup, steps, results, optimizer: s
 
 def diagnose(layer, x) -> dict:
     base, a, b = layer.base_layer, layer.lora_A["default"], layer.lora_B["default"]
-    return {"plain": [ld_layer._plain_linear(m) for m in (base, a, b)], "global_hooks": ld_layer._global_hooks(),
+    return {"plain": [ld_layer._plain_weight(m) is not None for m in (base, a, b)], "global_hooks": ld_layer._global_hooks(),
             "hooks": [dict(m._forward_hooks) for m in (base, a, b)], "active": layer.active_adapters,
             "merged": layer.merged, "disabled": layer.disable_adapters, "dtypes": [x.dtype, base.weight.dtype,
             a.weight.dtype, b.weight.dtype], "class": type(layer).__name__, "supported": ld_layer.FAST_PATH_SUPPORTED}
