@@ -43,6 +43,9 @@ def test_generation_run(tmp_path, llama_dir):
                                         "validation": {"kept": 2, "dropped": 0, "truncated": 0}}
     assert set(results["plan"]["layers"]) == set(DEFAULT_TARGETS["llama"])
     assert {"loss", "perplexity", "exact_match", "metric"} <= set(results["scores"])
+    assert [e["step"] for e in results["eval_history"]] == [2, 4]
+    best = next(e for e in results["eval_history"] if e["step"] == results["best_step"])
+    assert best["metric"] == results["metric"] and best["loss"] == results["scores"]["loss"]
     assert (tmp_path / "run" / "adapter").is_dir() and (tmp_path / "run" / "base_scores.json").is_file()
     assert run(cfg) == results  # finished: not run again
 

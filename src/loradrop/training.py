@@ -124,9 +124,14 @@ class _GenerationMetric(TrainerCallback):
                     model: Any = None, **kwargs: Any) -> None:
         if metrics is None:
             return
-        metrics.update({f"eval_{k}": v for k, v in self.score(model).items()})
+        scores = {f"eval_{k}": v for k, v in self.score(model).items()}
         if "eval_loss" in metrics:
-            metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 700.0))
+            scores["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 700.0))
+        metrics.update(scores)
+        # the Trainer logged a copy of the metrics just before: its history (the learning curve) gets them too
+        last = state.log_history[-1] if state.log_history else {}
+        if last.get("step") == state.global_step and "eval_loss" in last:
+            last.update(scores)
 
 
 # -- stage 1 -------------------------------------------------------------------------------------
@@ -317,6 +322,7 @@ def _run_locked(cfg: RunConfig, out: Path, importance_from: Path | None, had_con
         "metric_name": task.metric,
         "metric": keep_best.best["metric"],
         "best_step": keep_best.best["step"],
+        "eval_history": _eval_history(trainer.state.log_history),
         "scores": keep_best.best["scores"],
         "majority_baseline": None if generation else majority_baseline(data["train"]["label"], data["validation"]["label"],
                                                                        task.metric),
@@ -340,6 +346,13 @@ def _run_locked(cfg: RunConfig, out: Path, importance_from: Path | None, had_con
     if _is_main():
         write_json(results, results_file)
     return results
+
+
+def _eval_history(log_history: list[dict[str, Any]]) -> list[dict[str, float]]:
+    """Every evaluation's step and scores (the learning curve; a resumed run's includes the evaluations
+    before the kill, which the Trainer restores from the checkpoint)."""
+    return [{"step": entry["step"], **{k.removeprefix("eval_"): v for k, v in entry.items() if k.startswith("eval_")}}
+            for entry in log_history if "eval_metric" in entry]
 
 
 def _base_scores(gen_metric: _GenerationMetric, model: Any, out: Path) -> dict[str, float]:
