@@ -85,7 +85,9 @@ def prompt_completion(row: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase
     With a chat template: conversational (the prompt's turns, then the response as the assistant's
     turn), which SFTTrainer renders with the same template. Without one: ``format_example``'s two
     texts; the response already ends with eos, so SFTTrainer adds none, and the prompt gets the
-    tokenizer's special tokens (BOS) as ``encode_example`` gives it.
+    tokenizer's special tokens (BOS) as ``encode_example`` gives it. SFTTrainer tokenizes prompt and
+    completion together where ``encode_example`` tokenizes them apart; the two differ only where a
+    tokenizer merges tokens across the boundary, which TRL warns about.
     """
     if tokenizer.chat_template:
         return {"prompt": _chat_prompt(row), "completion": [{"role": "assistant", "content": row["response"]}]}
