@@ -5,7 +5,7 @@ at each evaluation, the best adapter kept by it, and the base model's score in r
 import json
 
 import pytest
-from conftest import tiny_chat_tokenizer, tiny_llama
+from conftest import save_tiny_llama_dir
 
 from loradrop.config import RunConfig
 from loradrop.sites import DEFAULT_TARGETS
@@ -14,10 +14,7 @@ from loradrop.training import run
 
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tiny_llama(layers=2).save_pretrained(path)
-    tiny_chat_tokenizer().save_pretrained(path)
-    return str(path)
+    return save_tiny_llama_dir(tmp_path_factory.mktemp("tiny-llama"))
 
 
 def qa_file(path):
