@@ -65,3 +65,25 @@ def test_generation_fields_are_validated(tmp_path, field, value, message):
     kwargs = {"prompt_column": "q"} if field == "messages_column" else {}
     with pytest.raises(ValueError, match=message):
         RunConfig(output_dir=str(tmp_path), **kwargs, **{field: value})
+
+
+def test_demo_on_a_generation_task_scores_the_base_model_once(tmp_path, llama_dir, monkeypatch):
+    """The demo's generation path end to end on the real bbc-headlines data with a tiny Llama: four
+    methods, the base model scored by the first run only and shown in the report's ``base`` column."""
+    from loradrop import training
+
+    monkeypatch.setitem(training.DEMO_BUDGETS, "bbc-headlines", training.DemoBudget(
+        llama_dir, steps=2, train_examples=40, batch_size=4, learning_rate=1e-2, max_length=128, probe_epochs=1.0,
+        max_new_tokens=2, generation_eval_examples=3))
+    scored = []
+    original = training._GenerationMetric.score
+    monkeypatch.setattr(training._GenerationMetric, "score", lambda self, model: scored.append(1) or original(self, model))
+    rows = training.run_demo(tmp_path, task="bbc-headlines")
+    assert [r["method"] for r in rows] == list(training.DEMO_METHODS)
+    assert len(scored) == 1 + len(rows)  # the base model once, then each run's one evaluation at its last step
+    assert all(r["base_model_scores"] == rows[0]["base_model_scores"] for r in rows)
+    assert all((r["steps"], r["best_step"], r["metric_name"]) == (2, 2, "rougeL") for r in rows)
+    table = (tmp_path / "report" / "results.md").read_text()
+    assert table.splitlines()[0].split("|")[-2].strip() == "base" and "majority" not in table
+    assert (tmp_path / "report" / "importance_heatmap.png").is_file()
+    assert json.loads((tmp_path / "report" / "results.json").read_text()) == rows
