@@ -90,10 +90,12 @@ def summarise(args: argparse.Namespace) -> None:
     from loradrop.report import aggregate_runs, importance_heatmap, results_table, write_json
     from loradrop.training import summary_row
 
-    rows, full, text = [], [], ["# SmolLM2-135M-Instruct: LoRA, LoRA-drop, DropLoRA, both", ""]
+    rows, full, missing = [], [], []
+    text = ["# SmolLM2-135M-Instruct: LoRA, LoRA-drop, DropLoRA, both", ""]
     for task in args.tasks:
-        runs = {m: [json.loads((args.runs / task / f"{m}-seed{s}" / "results.json").read_text()) for s in args.seeds]
-                for m in METHODS}
+        files = {m: [args.runs / task / f"{m}-seed{s}" / "results.json" for s in args.seeds] for m in METHODS}
+        missing += [str(f.parent) for fs in files.values() for f in fs if not f.is_file()]  # cut off by a time limit
+        runs = {m: [json.loads(f.read_text()) for f in fs if f.is_file()] for m, fs in files.items()}
         metric = runs["lora"][0]["metric_name"]
         for method, results in runs.items():
             std = statistics.stdev([r["metric"] for r in results]) if len(results) > 1 else 0.0
@@ -116,10 +118,11 @@ def summarise(args: argparse.Namespace) -> None:
         row["converged"] = f"{sum(r['converged'] for r in mine)}/{len(mine)}"
     text += [f"Seeds {args.seeds}; r = 64, alpha = 128 on q, k, v, o, up, down; lr {args.learning_rate}, batch "
              f"{args.batch_size}, bf16 base; DropLoRA p = 0.5 (token masks), lora_dropout 0.05; metric in %, "
-             "mean ± std over seeds; `base` is the model before fine-tuning.", "", results_table(table), "",
+             "mean ± std over seeds (`n` runs); `base` is the model before fine-tuning.", "",
+             *([f"Not finished (left out): {', '.join(missing)}", ""] if missing else []), results_table(table), "",
              "## Every run", "", results_table(rows), ""]
     (args.out / "llm_table.md").write_text("\n".join(text))
-    write_json({"table": table, "rows": rows, "runs": full, "settings": {k: str(v) for k, v in vars(args).items()}},
+    write_json({"table": table, "rows": rows, "runs": full, "missing": missing, "settings": {k: str(v) for k, v in vars(args).items()}},
                args.out / "llm_table.json")
     print("\n".join(text))
 
