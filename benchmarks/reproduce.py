@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-METHODS = ["lora-drop", "lora", "no-share", "inverse", "random", "top-k", "droplora", "lora-drop+droplora"]
+METHODS = ["lora-drop", "lora", "no-share", "inverse", "inverse-share", "random", "top-k", "droplora", "lora-drop+droplora"]
 TASKS = ["rotten-tomatoes", "tweet-sentiment", "bbc-news"]
 THRESHOLDS = [0.7, 0.8, 0.95]  # 0.9 is lora-drop and 1.0 is lora, run above
 RATIOS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]

@@ -26,12 +26,17 @@ def test_threshold_reached_exactly_despite_rounding():
 
 @pytest.mark.parametrize(
     "strategy,expected",
-    [("importance", [1, 3, 4]), ("inverse", [0, 2, 4]), ("top_k", [2, 3, 4]), ("no_share", [1, 3, 4])],
+    [("importance", [1, 3, 4]), ("inverse", [0, 2, 4]), ("top_k", [2, 3, 4]), ("no_share", [1, 3, 4]),
+     ("inverse_share", [0, 2])],  # the 3 most important (1, 3, 4) share; the other 2 keep their own
 )
 def test_ablations_keep_k_layers(strategy, expected):
     plan = select(IMP, cfg(threshold=0.8, strategy=strategy))
     assert plan.retained == {"q": expected}
     assert plan.others == ("dropped" if strategy == "no_share" else "shared")
+
+
+def test_inverse_share_keeps_the_least_important_layer_when_every_layer_is_important():
+    assert select({"q": {0: 0.5, 1: 0.4, 2: 0.1}}, cfg(threshold=1.0, strategy="inverse_share")).retained == {"q": [2]}
 
 
 def test_random_is_seeded_and_keeps_k():

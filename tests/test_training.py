@@ -21,8 +21,8 @@ IMPORTANCE = {"query": {0: 0.5, 1: 0.3, 2: 0.15, 3: 0.05}}  # T = 0.9 keeps 3 la
 
 @pytest.mark.parametrize("method,roles,mask", [
     ("lora", "RRRR", None), ("lora-drop", "RRRS", None), ("droplora", "RRRR", 0.5),
-    ("lora-drop+droplora", "RRRS", 0.5), ("inverse", "SRRR", None), ("top-k", "SRRR", None),
-    ("no-share", "RRRD", None)])
+    ("lora-drop+droplora", "RRRS", 0.5), ("inverse", "SRRR", None), ("inverse-share", "SSSR", None),
+    ("top-k", "SRRR", None), ("no-share", "RRRD", None)])
 def test_each_method_builds_its_model(tmp_path, method, roles, mask):
     """What a method does to a model: which sites keep, share or lose their LoRA, and the rank mask."""
     cfg = RunConfig.from_options({"output_dir": str(tmp_path), "method": method, "target_modules": "query", "r": 2})

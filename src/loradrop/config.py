@@ -10,7 +10,7 @@ import math
 from dataclasses import Field, asdict, dataclass, field, fields, replace
 from typing import Any
 
-STRATEGIES = ("importance", "inverse", "random", "top_k", "no_share")
+STRATEGIES = ("importance", "inverse", "inverse_share", "random", "top_k", "no_share")
 GRANULARITIES = ("token", "sample", "step")
 
 
@@ -165,6 +165,7 @@ METHODS: dict[str, tuple[str | None, bool]] = {
     "droplora": (None, True),
     "lora-drop+droplora": ("importance", True),
     "inverse": ("inverse", False),
+    "inverse-share": ("inverse_share", False),
     "random": ("random", False),
     "top-k": ("top_k", False),
     "no-share": ("no_share", False),

@@ -4,6 +4,10 @@
 T); ``inverse``, ``random`` and ``top_k`` are its Table 5 ablations, each keeping as many layers as
 ``importance`` would for that type; ``no_share`` keeps what ``importance`` keeps and gives the other
 layers no LoRA at all instead of a shared one.
+
+Table 5's "inverse" reads two ways: keep the k least important layers' own LoRA (``inverse``: the same
+number of own LoRAs as LoRA-drop, the opposite layers), or let the k most important layers share
+one LoRA and keep every other layer's own (``inverse_share``: the opposite roles).
 """
 
 from __future__ import annotations
@@ -94,6 +98,8 @@ def _choose(module_type: str, scores: dict[int, float], strategy: str, threshold
         chosen = _ranked(scores, descending=True)[:k]
     elif strategy == "inverse":
         chosen = _ranked(scores, descending=False)[:k]
+    elif strategy == "inverse_share":  # the other reading of Table 5's "inverse": the k most important share
+        chosen = _ranked(scores, descending=False)[:max(1, len(scores) - k)]  # a plan keeps at least one layer
     elif strategy == "top_k":
         chosen = sorted(scores)[-k:]
     elif strategy == "random":
