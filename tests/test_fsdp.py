@@ -237,3 +237,62 @@ def test_gathered_lora_leaves_an_unsharded_model_alone():
     before = {n: p for n, p in model.named_parameters()}
     with gathered_lora(model) as inside:
         assert inside is model and all(p is before[n] for n, p in model.named_parameters())
+
+
+# -- the runner: what it hands accelerate's FSDP2 plugin ----------------------------------------
+def fsdp2_trainer(**plugin_args):
+    """What ``_replicate_shared_loras`` reads of a Trainer under FSDP2 (accelerate's real plugin)."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16)
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, mixed_precision_policy=policy, **plugin_args)
+    return SimpleNamespace(is_fsdp_enabled=True, accelerator=SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin)))
+
+
+def test_runner_gives_accelerate_the_shared_loras_as_ignored_modules():
+    from accelerate.utils.fsdp_utils import get_parameters_from_modules
+
+    from loradrop.fsdp import replicated_params
+    from loradrop.training import _replicate_shared_loras
+
+    model, trainer = planned_model(), fsdp2_trainer()
+    _replicate_shared_loras(trainer, model)
+    plugin = trainer.accelerator.state.fsdp_plugin
+    ignored = get_parameters_from_modules(plugin.ignored_modules, model, torch.device("cpu"))  # what fully_shard gets
+    shared = {id(model.get_parameter(site_name(t, layers[0], part))) for t, layers in SHARED.items()
+              for part in ("lora_A", "lora_B")}
+    assert {id(p) for p in ignored} == shared == {id(p) for p in replicated_params(model)}
+    assert (plugin.mixed_precision_policy.param_dtype, plugin.mixed_precision_policy.reduce_dtype) == (
+        torch.bfloat16, torch.float32)
+
+
+@pytest.mark.parametrize("plugin_args,message", [
+    ({"ignored_modules": "lm_head"}, "remove fsdp_ignored_modules"),
+    ({"cpu_ram_efficient_loading": True, "sync_module_states": True}, "set fsdp_cpu_ram_efficient_loading: false")])
+def test_runner_refuses_fsdp2_settings_that_would_lose_the_shared_lora(plugin_args, message):
+    from loradrop.training import _replicate_shared_loras
+
+    with pytest.raises(ValueError, match=message):
+        _replicate_shared_loras(fsdp2_trainer(**plugin_args), planned_model())
+
+
+def test_fsdp1_is_refused_for_a_shared_lora_naming_fsdp2(tmp_path, monkeypatch):
+    from loradrop.config import RunConfig
+    from loradrop.training import _check_fsdp
+
+    shared = Plan(layers={"query": [0, 1, 2]}, retained={"query": [1]})
+    fsdp1 = RunConfig(output_dir=str(tmp_path), extra={"fsdp": "full_shard", "fsdp_config": {"version": 1}})
+    with pytest.raises(ValueError, match=r"FSDP version 1 cannot train a LoRA that several layers share; use FSDP2"):
+        _check_fsdp(shared, fsdp1)
+    _check_fsdp(Plan(layers=shared.layers, retained=shared.layers), fsdp1)  # plain LoRA is fine under FSDP1
+    _check_fsdp(shared, RunConfig(output_dir=str(tmp_path), extra={"fsdp": "full_shard"}))  # transformers' default: 2
+    _check_fsdp(shared, RunConfig(output_dir=str(tmp_path)))  # no FSDP, no objection
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # accelerate launch with an FSDP config
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    with pytest.raises(ValueError, match="use FSDP2"):
+        _check_fsdp(shared, RunConfig(output_dir=str(tmp_path)))
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    _check_fsdp(shared, RunConfig(output_dir=str(tmp_path)))

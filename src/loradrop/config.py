@@ -218,6 +218,8 @@ class RunConfig:
     max_new_tokens: int = field(default=256, metadata=_help("cap on generated tokens per validation answer"))
     generation_eval_examples: int = field(default=50, metadata=_help(
         "validation examples answered by generation at each evaluation (greedy; slow on a CPU)"))
+    gradient_checkpointing: bool = field(default=False, metadata=_help(
+        "recompute activations in backward (non-reentrant, so a shared LoRA's gradient is whole)"))
     show_progress: bool = field(default=True, metadata=_help("progress bars", cli=False))
     extra: dict[str, Any] = field(default_factory=dict, metadata=_help("more TrainingArguments", cli=False))
     lora: LoraDropConfig = field(default_factory=run_lora_defaults, metadata=_help("LoRA-drop settings", cli=False))
