@@ -271,8 +271,9 @@ def test_runner_gives_accelerate_the_shared_loras_as_ignored_modules():
 
 @pytest.mark.parametrize("plugin_args,message", [
     ({"ignored_modules": "lm_head"}, "remove fsdp_ignored_modules"),
-    ({"cpu_ram_efficient_loading": True, "sync_module_states": True}, "set fsdp_cpu_ram_efficient_loading: false")])
-def test_runner_refuses_fsdp2_settings_that_would_lose_the_shared_lora(plugin_args, message):
+    ({"cpu_ram_efficient_loading": True, "sync_module_states": True}, "set fsdp_cpu_ram_efficient_loading: false"),
+    ({"activation_checkpointing": True}, "pass --gradient-checkpointing instead")])
+def test_runner_refuses_fsdp2_settings_it_cannot_train_or_save(plugin_args, message):
     from loradrop.training import _replicate_shared_loras
 
     with pytest.raises(ValueError, match=message):

@@ -209,6 +209,10 @@ def _replicate_shared_loras(trainer: Trainer, model: PeftModel) -> None:
     if not trainer.is_fsdp_enabled:
         return
     plugin = trainer.accelerator.state.fsdp_plugin
+    if plugin.activation_checkpointing:
+        raise ValueError("fsdp_activation_checkpointing=true wraps each layer in torch's checkpoint wrapper, under which "
+                         "PEFT finds no adapter weights to save; set fsdp_activation_checkpointing: false in the FSDP "
+                         "config and pass --gradient-checkpointing instead")
     if plugin.fsdp_version == 2 and plugin.mixed_precision_policy is not None:
         plugin.mixed_precision_policy = replace(plugin.mixed_precision_policy, reduce_dtype=torch.float32)
     shared = replicated_modules(model)
@@ -271,8 +275,8 @@ def _training_args(cfg: RunConfig, out: Path, steps_per_epoch: int, generation: 
         disable_tqdm=not cfg.show_progress,
         dataloader_num_workers=0,
         ddp_find_unused_parameters=False,  # every LoRA site is used in every forward
-        gradient_checkpointing=cfg.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},  # reentrant replays would split a shared LoRA's gradient
+        activation_checkpointing=cfg.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False},  # reentrant replays would split a shared LoRA's gradient
         # A classifier's loss is a mean over the batch, but a PEFT model's forward takes **kwargs, so the
         # Trainer would treat it as a token-sum loss and multiply it by the number of processes.
         average_tokens_across_devices=False,
