@@ -54,6 +54,7 @@ WORKER = textwrap.dedent("""
     from pathlib import Path
     import torch, torch.distributed as dist
     from safetensors.torch import save_file
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy
     from torch.distributed.tensor import DTensor
     sys.path.insert(0, sys.argv[2])
@@ -95,6 +96,21 @@ WORKER = textwrap.dedent("""
     bf16_loss = step(bf16, 100)
     save_file(full_grads(bf16), str(out / f"bf16_grads{rank}.safetensors"))
 
+    # gradient accumulation: no communication while FSDP's gradient sync is off, one reduction after
+    accumulating = shard_model(planned_model())
+    accumulating.set_requires_gradient_sync(False)
+    step(accumulating, 100)
+    shared = {n: p.grad.clone() for n, p in accumulating.named_parameters() if p.requires_grad and not isinstance(p, DTensor)}
+    save_file(shared, str(out / f"nosync_grads{rank}.safetensors"))
+    accumulating.set_requires_gradient_sync(True)
+    step(accumulating, 200)
+    save_file(full_grads(accumulating), str(out / f"accumulated_grads{rank}.safetensors"))
+    try:
+        shard_model(planned_model(), mesh=init_device_mesh("cpu", (1, 2)))
+        hsdp = ""
+    except ValueError as err:
+        hsdp = str(err)
+
     # the probe on a sharded PEFT model
     probe_model = shard_model(add_lora(tiny_llama(4), PROBE))
     result = evaluate_importance(probe_model, probe_data(), dataclasses.replace(PROBE, probe_batch_size=2))
@@ -105,7 +121,7 @@ WORKER = textwrap.dedent("""
         refused = str(err)
     (out / f"rank{rank}.json").write_text(json.dumps({
         "loss": loss, "bf16_loss": bf16_loss, "resharded": resharded, "g": result.g,
-        "plan": result.plan.to_json(), "refused": refused}))
+        "plan": result.plan.to_json(), "refused": refused, "hsdp": hsdp}))
     dist.destroy_process_group()
 """)
 
@@ -214,6 +230,27 @@ def test_mixed_precision_reduces_the_shared_lora_in_float32(fsdp_run):
         assert cosine > 0.99, (name, cosine)
 
 
+def test_gradient_accumulation_reduces_the_shared_lora_once(fsdp_run):
+    """While FSDP's gradient sync is off the shared gradient stays each rank's own; the backward that
+    syncs averages what both micro-batches accumulated."""
+    tied = planned_model()
+    reference_step(tied, 100)
+    reference_step(tied, 200)
+    nosync = [load_file(fsdp_run / f"nosync_grads{r}.safetensors") for r in range(2)]
+    accumulated = [load_file(fsdp_run / f"accumulated_grads{r}.safetensors") for r in range(2)]
+    shared = site_name("q_proj", SHARED["q_proj"][0], "lora_B")
+    assert not torch.allclose(nosync[0][shared], nosync[1][shared])  # not reduced yet
+    for name, param in tied.named_parameters():
+        if param.requires_grad:
+            assert torch.allclose(accumulated[0][name], param.grad, rtol=1e-4, atol=1e-6), name
+            assert torch.equal(accumulated[0][name], accumulated[1][name]), name
+
+
+def test_shard_model_refuses_a_2d_mesh(fsdp_run):
+    ranks = [json.loads((fsdp_run / f"rank{r}.json").read_text()) for r in range(2)]
+    assert "takes a 1-D mesh" in ranks[0]["hsdp"] and "HSDP" in ranks[0]["hsdp"]
+
+
 def test_probe_under_fsdp_sums_over_ranks_and_agrees_on_the_plan(fsdp_run):
     ranks = [json.loads((fsdp_run / f"rank{r}.json").read_text()) for r in range(2)]
     single = evaluate_importance(tiny_llama(4), probe_data(), dataclasses.replace(PROBE, probe_batch_size=4))
@@ -245,6 +282,7 @@ def fsdp2_trainer(**plugin_args):
     from types import SimpleNamespace
 
     from accelerate.utils import FullyShardedDataParallelPlugin
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16)

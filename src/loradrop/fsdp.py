@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from peft import PeftModel
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
@@ -91,7 +92,7 @@ class _ReplicatedGradSync:
         self.pending: list[tuple[dist.Work, torch.Tensor]] = []
 
     def __call__(self, param: torch.Tensor) -> None:
-        if param.grad is None or not _gradient_sync_on(self.model):
+        if not _gradient_sync_on(self.model):
             return
         if not self.pending:
             torch.autograd.Variable._execution_engine.queue_callback(self.finish)
@@ -119,7 +120,7 @@ def sync_replicated_grads(model: nn.Module, params: set[nn.Parameter] | None = N
             setattr(param, _HOOKED, True)
 
 
-def shard_model(model: nn.Module, *, mesh: object | None = None, mp_policy: MixedPrecisionPolicy | None = None,
+def shard_model(model: nn.Module, *, mesh: DeviceMesh | None = None, mp_policy: MixedPrecisionPolicy | None = None,
                 reshard_after_forward: bool | None = None, offload_policy: OffloadPolicy | None = None,
                 layer_classes: tuple[type[nn.Module], ...] | None = None) -> nn.Module:
     """Shards a (planned) PEFT LoRA model with FSDP2 for a training loop of your own.
@@ -127,17 +128,24 @@ def shard_model(model: nn.Module, *, mesh: object | None = None, mp_policy: Mixe
     Each layer (``layer_classes``, default the model's ``_no_split_modules``) becomes one FSDP unit
     with its base weights and retained LoRAs, the root holds the rest; every shared LoRA is left out
     of all of them, moved to the ranks' device, broadcast from rank 0 and its gradient averaged over
-    the ranks after each backward (``sync_replicated_grads``). ``mesh``, ``mp_policy`` (e.g.
-    ``MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)``),
-    ``reshard_after_forward`` and ``offload_policy`` go to ``fully_shard`` as they are. Call it after
-    ``apply_plan`` (or ``load_adapter``) and before creating the optimizer; save with
-    ``gathered_lora``. Needs an initialised process group.
+    the ranks after each backward (``sync_replicated_grads``). ``mesh`` (1-D: the ranks that shard and
+    average; default all), ``mp_policy`` (e.g. ``MixedPrecisionPolicy(param_dtype=torch.bfloat16,
+    reduce_dtype=torch.float32)``), ``reshard_after_forward`` and ``offload_policy`` go to
+    ``fully_shard`` as they are. Call it after ``apply_plan`` (or ``load_adapter``) and before creating
+    the optimizer; save with ``gathered_lora``. Needs an initialised process group.
+
+    Gradients are then a mix of DTensors (sharded) and plain tensors (shared LoRAs): clip them with
+    ``accelerate.Accelerator.clip_grad_norm_``, which combines the two, not ``torch.nn.utils.clip_grad_norm_``.
     """
     if not (dist.is_available() and dist.is_initialized()):
         raise ValueError("shard_model needs torch.distributed: launch with torchrun and call "
                          "torch.distributed.init_process_group first")
     if isinstance(model, FSDPModule):
         raise ValueError(f"{type(model).__name__} is already sharded by FSDP; shard_model takes the unsharded model")
+    if mesh is not None and mesh.ndim != 1:
+        raise ValueError(f"mesh has {mesh.ndim} dimensions; shard_model takes a 1-D mesh (FSDP). HSDP and meshes "
+                         "combined with other parallelism are not supported: shard with a 1-D data-parallel mesh")
+    group = mesh.get_group() if mesh is not None else None
     ignored = replicated_params(model)
     kwargs = {"mesh": mesh, "reshard_after_forward": reshard_after_forward, "ignored_params": ignored,
               "mp_policy": mp_policy or MixedPrecisionPolicy(), "offload_policy": offload_policy or OffloadPolicy()}
@@ -151,8 +159,8 @@ def shard_model(model: nn.Module, *, mesh: object | None = None, mp_policy: Mixe
         for module in replicated_modules(model):
             module.to(device)  # fully_shard does not move what it ignores
             for param in module.parameters():
-                dist.broadcast(param, src=0)
-    sync_replicated_grads(model, ignored)
+                dist.broadcast(param, group=group, group_src=0)
+    sync_replicated_grads(model, ignored, group)
     return model
 
 
