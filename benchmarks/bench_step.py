@@ -5,7 +5,14 @@ backward, AdamW) over timed steps after warm-up, peak GPU memory, tokens/s, and 
 floor -- the frozen base's forward plus the input-gradient backward that every LoRA method must do.
 Also the compact adapter's bytes against a PEFT adapter of the same config.
 
+Rows named ``liger ...`` run with liger-kernel's RoPE, RMSNorm, SwiGLU and fused linear cross-entropy
+on the base (``loradrop.apply_liger``), after every other row, since Liger patches the base for good.
+``--qlora`` runs the rows on a bitsandbytes 4-bit NF4 base instead; ``--checkpointing`` turns on
+gradient checkpointing (non-reentrant) for every row, as for long context.
+
     python benchmarks/bench_step.py --shape 7b --out results.json
+    python benchmarks/bench_step.py --shape 7b --batch 1 --seq 8192 --checkpointing --out long.json
+    python benchmarks/bench_step.py --shape 7b --qlora --out qlora.json
 """
 
 from __future__ import annotations
@@ -40,17 +47,34 @@ from loradrop.sites import site_layers  # noqa: E402
 
 SHAPES = {
     "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-               num_key_value_heads=32),
+               num_key_value_heads=32, vocab_size=32000),
+    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=128256),  # Llama-3-8B: GQA, 128 k vocabulary
     "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-               num_key_value_heads=4),
+               num_key_value_heads=4, vocab_size=32000),
 }
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
 
 
-def build_base(shape: str) -> LlamaForCausalLM:
-    config = LlamaConfig(vocab_size=32000, max_position_embeddings=4096, **SHAPES[shape])
+def build_base(shape: str, qlora: bool = False, checkpointing: bool = False) -> LlamaForCausalLM:
+    """A random bf16 Llama of ``shape`` on the GPU; with ``qlora`` its linear layers are bitsandbytes
+    4-bit NF4 (bf16 compute), loaded as users load them: saved, then read with a quantization config."""
+    config = LlamaConfig(max_position_embeddings=8192, **SHAPES[shape])
     with torch.device("cuda"):
         model = LlamaForCausalLM(config).to(torch.bfloat16)
+    if qlora:
+        from transformers import BitsAndBytesConfig
+
+        with tempfile.TemporaryDirectory() as tmp:
+            model.save_pretrained(tmp)
+            del model
+            torch.cuda.empty_cache()
+            quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                       bnb_4bit_compute_dtype=torch.bfloat16)
+            model = LlamaForCausalLM.from_pretrained(tmp, quantization_config=quant, dtype=torch.bfloat16,
+                                                     device_map={"": 0})
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.requires_grad_(False)
     return model
 
@@ -113,6 +137,7 @@ class Variant:
     lora_dropout: float = 0.0
     fast: bool = False
     probe: bool = False
+    liger: bool = False  # the base with Liger's kernels
 
 
 VARIANTS = [
@@ -128,6 +153,12 @@ VARIANTS = [
     Variant("fast lora-drop+rank-dropout0.5 bf16", adapters="bf16", plan="half", rank_dropout=0.5, fast=True),
     Variant("fast lora fp32+autocast+lora_dropout0.05", lora_dropout=0.05, fast=True),
     Variant("fast lora fp32+autocast+probe-hooks", fast=True, probe=True),
+    Variant("liger floor", kind="floor", liger=True),
+    Variant("liger peft-bf16-adapters", kind="peft", adapters="bf16", liger=True),
+    Variant("liger fast lora-drop+rank-dropout0.5 bf16", adapters="bf16", plan="half", rank_dropout=0.5, fast=True,
+            liger=True),
+    Variant("liger fast lora-drop+rank-dropout0.5 fp32+autocast", plan="half", rank_dropout=0.5, fast=True,
+            liger=True),
 ]
 
 
@@ -187,7 +218,7 @@ def run_variant(base, v: Variant, batch, r, warmup, steps, results, optimizer: s
 
 def diagnose(layer, x) -> dict:
     base, a, b = layer.base_layer, layer.lora_A["default"], layer.lora_B["default"]
-    return {"plain": [ld_layer._plain_linear(m) for m in (base, a, b)], "global_hooks": ld_layer._global_hooks(),
+    return {"plain": [ld_layer._plain_weight(m) is not None for m in (base, a, b)], "global_hooks": ld_layer._global_hooks(),
             "hooks": [dict(m._forward_hooks) for m in (base, a, b)], "active": layer.active_adapters,
             "merged": layer.merged, "disabled": layer.disable_adapters, "dtypes": [x.dtype, base.weight.dtype,
             a.weight.dtype, b.weight.dtype], "class": type(layer).__name__, "supported": ld_layer.FAST_PATH_SUPPORTED}
@@ -290,9 +321,12 @@ def summarise(runs: list[dict]) -> list[dict]:
         ms = statistics.median(run["ms"] for run in mine)
         rows.append({**mine[0], "ms": ms, "ms_each": [run["ms"] for run in mine], "tokens_per_s": mine[0]["tokens_per_s"]
                      * mine[0]["ms"] / ms, "peak_gib": max(run["peak_gib"] for run in mine)})
+    liger_floor = next((row["ms"] for row in rows if row["kind"] == "floor" and row["liger"]), None)
     for row in rows:
         row.pop("repeat", None)
-        row["x_floor"] = row["ms"] / rows[0]["ms"]
+        row["x_floor"] = row["ms"] / rows[0]["ms"]  # the plain HF floor, the first row
+        if row["liger"] and liger_floor:
+            row["x_liger_floor"] = row["ms"] / liger_floor
     return rows
 
 
@@ -310,22 +344,31 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", help="run only the variants whose names contain one of these words")
     parser.add_argument("--optimizer", choices=["fused", "foreach"], default="fused",
                         help="AdamW's implementation for every trained variant (fused: the Trainer's default)")
+    parser.add_argument("--qlora", action="store_true", help="a bitsandbytes 4-bit NF4 base")
+    parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing (use_reentrant=False)")
+    parser.add_argument("--skip-checks", action="store_true", help="no numerics check and no adapter bytes")
+    parser.add_argument("--liger-rows", choices=["yes", "no", "only"], default="yes",
+                        help="the rows with Liger's kernels: also, none, or only them (and the plain floor)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     report = {"date": time.strftime("%Y-%m-%d"), "gpu": torch.cuda.get_device_name(), "optimizer": args.optimizer,
               "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                            "peft": peft.__version__, "loradrop": loradrop.__version__,
                            "python": platform.python_version()},
-              "batch": args.batch, "seq": args.seq, "r": args.r, "shapes": {}}
+              "batch": args.batch, "seq": args.seq, "r": args.r, "qlora": args.qlora,
+              "checkpointing": args.checkpointing, "shapes": {}}
     for shape in args.shape:
         print(f"shape {shape}: {SHAPES[shape]}", flush=True)
-        base = build_base(shape)
+        base = build_base(shape, args.qlora, args.checkpointing)
         torch.manual_seed(0)
-        ids = torch.randint(0, 32000, (args.batch, args.seq), device="cuda")
+        ids = torch.randint(0, SHAPES[shape]["vocab_size"], (args.batch, args.seq), device="cuda")
         batch = {"input_ids": ids, "labels": ids}
         selected = [v for v in VARIANTS if args.only is None or v.kind == "floor" or any(w in v.name for w in args.only)]
+        selected = [v for v in selected if {"yes": True, "no": not v.liger, "only": v.liger or v.name == "floor"}
+                    [args.liger_rows]]
+        selected.sort(key=lambda v: v.liger)  # Liger patches the base for good: its rows come last
         if args.paired:
-            selected = [v for v in selected if not v.probe]  # the probe's hooks are timed sequentially only
+            selected = [v for v in selected if not v.probe and not v.liger]  # these are timed sequentially only
             report["shapes"][shape] = {"config": SHAPES[shape], "paired_rounds": args.paired,
                                        "paired": run_paired(base, selected, batch, args.r, args.steps, args.paired,
                                                                    args.optimizer)}
@@ -335,13 +378,20 @@ def main() -> None:
             args.out.write_text(json.dumps(report, indent=2))
             continue
         runs: list[dict] = []
-        for repeat in range(args.repeat):  # whole passes over the variants, so drift hits all alike
-            for v in selected:
-                run_variant(base, v, batch, args.r, args.warmup, args.steps, runs, args.optimizer)
-                runs[-1]["repeat"] = repeat
-        report["shapes"][shape] = {"config": SHAPES[shape], "runs": runs, "variants": summarise(runs),
-                                   "adapter": adapter_bytes(base, args.r),
-                                   "fast_path_check": check_numbers(shape, args.batch * args.seq, args.r)}
+        liger = None
+        for with_liger in (False, True):
+            group = [v for v in selected if v.liger == with_liger]
+            if with_liger and group:
+                liger = loradrop.apply_liger(base)
+                print(f"  Liger: {liger}", flush=True)
+            for repeat in range(args.repeat):  # whole passes over the variants, so drift hits all alike
+                for v in group:
+                    run_variant(base, v, batch, args.r, args.warmup, args.steps, runs, args.optimizer)
+                    runs[-1]["repeat"] = repeat
+        report["shapes"][shape] = {"config": SHAPES[shape], "runs": runs, "variants": summarise(runs), "liger": liger}
+        if not args.skip_checks:
+            report["shapes"][shape].update(adapter=adapter_bytes(base, args.r),
+                                           fast_path_check=check_numbers(shape, args.batch * args.seq, args.r))
         del base
         gc.collect()
         torch.cuda.empty_cache()
@@ -352,9 +402,12 @@ def main() -> None:
             continue
         print(f"{shape}: {'variant':<48} {'ms':>8} {'x floor':>8} {'GiB':>7} {'tok/s':>9}")
         for row in data["variants"]:
-            print(f"    {row['variant']:<48} {row['ms']:8.1f} {row['x_floor']:8.3f} {row['peak_gib']:7.2f} {row['tokens_per_s']:9.0f}")
-        a = data["adapter"]
-        print(f"    adapter: compact {a['compact_bytes']:,} B / PEFT {a['peft_bytes']:,} B = {a['ratio']:.3f}")
+            liger = f"{row['x_liger_floor']:8.3f} x Liger floor" if "x_liger_floor" in row else ""
+            print(f"    {row['variant']:<48} {row['ms']:8.1f} {row['x_floor']:8.3f} {row['peak_gib']:7.2f} "
+                  f"{row['tokens_per_s']:9.0f} {liger}")
+        if "adapter" in data:
+            a = data["adapter"]
+            print(f"    adapter: compact {a['compact_bytes']:,} B / PEFT {a['peft_bytes']:,} B = {a['ratio']:.3f}")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from bench_step import SHAPES, VARIANTS, build, build_base, teardown
+from bench_step import SHAPES, VARIANTS, build, build_base, loradrop, teardown
 
 
 def idle_gaps(prof, top: int = 15) -> dict:
@@ -92,10 +92,15 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     base = build_base(args.shape)
-    ids = torch.randint(0, 32000, (4, 1024), device="cuda")
+    ids = torch.randint(0, SHAPES[args.shape]["vocab_size"], (4, 1024), device="cuda")
     batch = {"input_ids": ids, "labels": ids}
     by_name = {v.name: v for v in VARIANTS}
-    report = [profile_variant(base, by_name[name], batch, args.r, args.top) for name in args.variants]
+    variants = sorted((by_name[name] for name in args.variants), key=lambda v: v.liger)  # Liger's patch is for good
+    report = []
+    for v in variants:
+        if v.liger and not any(prev.liger for prev in variants[:variants.index(v)]):
+            loradrop.apply_liger(base)
+        report.append(profile_variant(base, v, batch, args.r, args.top))
     args.out.write_text(json.dumps(report, indent=2))
     for row in report:
         print(f"\n{row['variant']}: GPU {row['gpu_ms']:.1f} ms in {row['kernels']} kernels, host {row['host_ms']:.1f} ms/step")

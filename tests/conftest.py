@@ -65,6 +65,14 @@ def tiny_chat_tokenizer(chat_template: str | None = CHATML):
     return tokenizer
 
 
+def save_tiny_llama_dir(path, layers: int = 2) -> str:
+    """``tiny_llama`` and ``tiny_chat_tokenizer`` saved as a model folder: the real loading path
+    (``load_causal_lm`` on a path) at a test's cost."""
+    tiny_llama(layers=layers).save_pretrained(path)
+    tiny_chat_tokenizer().save_pretrained(path)
+    return str(path)
+
+
 def randomize_lora(model: torch.nn.Module, seed: int = 1) -> None:
     """PEFT initialises B to zero; tests of outputs need LoRA branches that do something."""
     gen = torch.Generator().manual_seed(seed)

@@ -91,6 +91,9 @@ def test_killed_run_resumes_from_its_checkpoint_and_probe(tmp_path, tiny_model_d
     assert saved == results and run(cfg) == results  # a finished run is not run again
     best = json.loads((tmp_path / "run" / "best.json").read_text())
     assert results["metric"] == best["metric"] and 0 <= results["metric"] <= 1
+    # the learning curve spans the kill: evaluations before it come back from the checkpoint
+    assert [e["step"] for e in results["eval_history"]] == [2, 4, 6]
+    assert max(e["metric"] for e in results["eval_history"]) == results["metric"]
     config = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
     assert config["loradrop"]["rank_dropout"]["p"] == 0.5
     assert config["loradrop"]["plan"] == results["plan"]

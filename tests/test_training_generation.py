@@ -5,7 +5,7 @@ at each evaluation, the best adapter kept by it, and the base model's score in r
 import json
 
 import pytest
-from conftest import tiny_chat_tokenizer, tiny_llama
+from conftest import save_tiny_llama_dir
 
 from loradrop.config import RunConfig
 from loradrop.sites import DEFAULT_TARGETS
@@ -14,10 +14,7 @@ from loradrop.training import run
 
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tiny_llama(layers=2).save_pretrained(path)
-    tiny_chat_tokenizer().save_pretrained(path)
-    return str(path)
+    return save_tiny_llama_dir(tmp_path_factory.mktemp("tiny-llama"))
 
 
 def qa_file(path):
@@ -36,12 +33,16 @@ def test_generation_run(tmp_path, llama_dir):
     results = run(cfg)
     assert results["metric_name"] == "exact_match" and results["majority_baseline"] is None
     assert set(results["base_model_scores"]) == {"metric", "exact_match"}
+    assert results["liger"] == {"applied": [], "reason": "the model is on cpu: Liger's kernels run on CUDA only"}
     assert results["generation_eval_examples"] == 2
     # 21 distinct prompts, 2 held out; every prompt + response fits in 24 tokens
     assert results["length_report"] == {"train": {"kept": 19, "dropped": 0, "truncated": 0},
                                         "validation": {"kept": 2, "dropped": 0, "truncated": 0}}
     assert set(results["plan"]["layers"]) == set(DEFAULT_TARGETS["llama"])
     assert {"loss", "perplexity", "exact_match", "metric"} <= set(results["scores"])
+    assert [e["step"] for e in results["eval_history"]] == [2, 4]
+    best = next(e for e in results["eval_history"] if e["step"] == results["best_step"])
+    assert best["metric"] == results["metric"] and best["loss"] == results["scores"]["loss"]
     assert (tmp_path / "run" / "adapter").is_dir() and (tmp_path / "run" / "base_scores.json").is_file()
     assert run(cfg) == results  # finished: not run again
 
@@ -64,3 +65,25 @@ def test_generation_fields_are_validated(tmp_path, field, value, message):
     kwargs = {"prompt_column": "q"} if field == "messages_column" else {}
     with pytest.raises(ValueError, match=message):
         RunConfig(output_dir=str(tmp_path), **kwargs, **{field: value})
+
+
+def test_demo_on_a_generation_task_scores_the_base_model_once(tmp_path, llama_dir, monkeypatch):
+    """The demo's generation path end to end on the real bbc-headlines data with a tiny Llama: four
+    methods, the base model scored by the first run only and shown in the report's ``base`` column."""
+    from loradrop import training
+
+    monkeypatch.setitem(training.DEMO_BUDGETS, "bbc-headlines", training.DemoBudget(
+        llama_dir, steps=2, train_examples=40, batch_size=4, learning_rate=1e-2, max_length=128, probe_epochs=1.0,
+        max_new_tokens=2, generation_eval_examples=3))
+    scored = []
+    original = training._GenerationMetric.score
+    monkeypatch.setattr(training._GenerationMetric, "score", lambda self, model: scored.append(1) or original(self, model))
+    rows = training.run_demo(tmp_path, task="bbc-headlines")
+    assert [r["method"] for r in rows] == list(training.DEMO_METHODS)
+    assert len(scored) == 1 + len(rows)  # the base model once, then each run's one evaluation at its last step
+    assert all(r["base_model_scores"] == rows[0]["base_model_scores"] for r in rows)
+    assert all((r["steps"], r["best_step"], r["metric_name"]) == (2, 2, "rougeL") for r in rows)
+    table = (tmp_path / "report" / "results.md").read_text()
+    assert table.splitlines()[0].split("|")[-2].strip() == "base" and "majority" not in table
+    assert (tmp_path / "report" / "importance_heatmap.png").is_file()
+    assert json.loads((tmp_path / "report" / "results.json").read_text()) == rows

@@ -5,6 +5,7 @@ from .fsdp import gathered_lora, shard_model
 from .config import LoraDropConfig, RankDropoutConfig, RunConfig
 from .probe import ImportanceProbe, ImportanceResult, evaluate_importance
 from .layer import LoraDropLinear
+from .liger import apply_liger
 from .rank_dropout import add_rank_dropout, remove_rank_dropout
 from .selection import Plan, select
 from .sharing import apply_plan, lora_parameter_count, summary
@@ -23,6 +24,7 @@ __all__ = [
     "RunConfig",
     "Site",
     "add_rank_dropout",
+    "apply_liger",
     "apply_plan",
     "describe_adapter",
     "disable_fast_path",

@@ -192,7 +192,7 @@ class RunConfig:
     output_dir: str = field(metadata=_help("run directory (rerun the same command to resume)"))
     method: str = field(default="lora-drop", metadata=_help(f"one of {', '.join(METHODS)}"))
     task: str = field(default="rotten-tomatoes", metadata=_help(
-        "bundled task: rotten-tomatoes, tweet-sentiment, bbc-news"))
+        "bundled task: rotten-tomatoes, tweet-sentiment, bbc-news; generation: gsm, bbc-headlines"))
     data: str | None = field(default=None, metadata=_help("your own CSV/TSV/JSONL/JSON file instead of --task"))
     text_column: str = field(default="text", metadata=_help("column of the text in --data"))
     text_pair_column: str | None = field(default=None, metadata=_help("column of a pair's second text in --data"))
@@ -220,6 +220,9 @@ class RunConfig:
         "validation examples answered by generation at each evaluation (greedy; slow on a CPU)"))
     gradient_checkpointing: bool = field(default=False, metadata=_help(
         "recompute activations in backward (non-reentrant, so a shared LoRA's gradient is whole)"))
+    liger: bool = field(default=True, metadata=_help(
+        "Liger's kernels (RoPE, RMSNorm, SwiGLU, fused linear cross-entropy) on a causal LM on CUDA, "
+        "where liger-kernel supports its type"))
     show_progress: bool = field(default=True, metadata=_help("progress bars", cli=False))
     extra: dict[str, Any] = field(default_factory=dict, metadata=_help("more TrainingArguments", cli=False))
     lora: LoraDropConfig = field(default_factory=run_lora_defaults, metadata=_help("LoRA-drop settings", cli=False))

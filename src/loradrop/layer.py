@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from packaging.version import Version
 from peft.tuners import lora
 from peft.tuners.lora import LoraLayer
+from torch.nn.modules import module as torch_module
 
 from .config import RankDropoutConfig
 
@@ -186,33 +187,33 @@ class _LoraLinearFunction(torch.autograd.Function):
 
 
 # -- what the fast path may skip -------------------------------------------------------------------
+# These checks run for every site in every forward; on a GPU fast enough to wait for the host (a 7B
+# step with Liger's kernels) their Python is part of the step time, hence explicit or-chains.
 _PLAIN = (nn.Parameter, torch.Tensor)  # not a tensor subclass (quantised, DTensor, offloaded)
-_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
-_GLOBAL_HOOKS = tuple(f"_global{name}" for name in _HOOK_DICTS)
 
 
 def _unhooked(module: nn.Module) -> bool:
     """No replaced forward and no hooks of any kind (accelerate's offloading patches ``forward``)."""
     state = module.__dict__
-    return "forward" not in state and not any(state[name] for name in _HOOK_DICTS)
+    return not ("forward" in state or state["_forward_hooks"] or state["_forward_pre_hooks"]
+                or state["_backward_hooks"] or state["_backward_pre_hooks"])
 
 
-def _plain_linear(module: nn.Module) -> bool:
-    """An ``nn.Linear`` whose forward the fast path may replace by its own GEMM: exactly that class
-    (quantised layers are subclasses), unhooked, with a plain floating weight."""
+def _plain_weight(module: nn.Module) -> torch.Tensor | None:
+    """The weight of an ``nn.Linear`` whose forward the fast path may replace by its own GEMM: exactly
+    that class (quantised layers are subclasses), unhooked, with a plain floating weight; else None."""
     if type(module) is not nn.Linear or not _unhooked(module):
-        return False
+        return None
     weight = module.__dict__["_parameters"]["weight"]
-    return type(weight) in _PLAIN and weight.is_floating_point()
+    return weight if type(weight) in _PLAIN and weight.is_floating_point() else None
 
 
 def _global_hooks() -> bool:
     """Module hooks registered for every module (torch keeps them in private globals); when they
     cannot be read, assume there are some."""
-    from torch.nn.modules import module as torch_module
-
     try:
-        return any(getattr(torch_module, name) for name in _GLOBAL_HOOKS)
+        return bool(torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks
+                    or torch_module._global_backward_hooks or torch_module._global_backward_pre_hooks)
     except AttributeError:
         return True
 
@@ -229,13 +230,14 @@ def _dropout_p(dropout: nn.Module, x: torch.Tensor) -> float | None:
     return dropout.p if usable else None
 
 
-def _compute_dtype(x: torch.Tensor, *weights: torch.Tensor) -> torch.dtype | None:
+def _compute_dtype(x: torch.Tensor, weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.dtype | None:
     """Autocast's dtype, or the one dtype of x and the weights; None where PEFT would compute the
     LoRA in the adapter's dtype from a cast copy of x (mixed dtypes without autocast)."""
     device = x.device.type
     if torch.is_autocast_enabled(device):
         return torch.get_autocast_dtype(device)
-    return x.dtype if all(w.dtype == x.dtype for w in weights) else None
+    dtype = x.dtype
+    return dtype if weight.dtype == dtype and a.dtype == dtype and b.dtype == dtype else None
 
 
 # -- the layer -------------------------------------------------------------------------------------
@@ -250,9 +252,8 @@ class _LoraDropLayer:
         spec = None if args or kwargs else self._fast_spec(x)
         if spec is None:
             return self._peft_forward(x, *args, **kwargs)
-        base, lora_a, lora_b, spec = spec
-        y = _LoraLinearFunction.apply(_cast(x.reshape(-1, x.shape[-1]), spec[1]), base.weight, base.bias,
-                                      lora_a.weight, lora_b.weight, spec)
+        weight, bias, lora_a, lora_b, spec = spec
+        y = _LoraLinearFunction.apply(_cast(x.reshape(-1, x.shape[-1]), spec[1]), weight, bias, lora_a, lora_b, spec)
         return y.view(*spec[2], -1)
 
     def _active_mask(self) -> RankDropoutConfig | None:
@@ -260,8 +261,8 @@ class _LoraDropLayer:
         return cfg if cfg is not None and self.training and cfg.p > 0.0 else None
 
     def _fast_spec(self, x: torch.Tensor) -> tuple | None:
-        """(base, lora_A, lora_B, spec) when the fast path computes exactly what PEFT's forward
-        would, else None -- also when a PEFT internal it reads is missing."""
+        """(base weight, base bias, lora_A weight, lora_B weight, spec) when the fast path computes
+        exactly what PEFT's forward would, else None -- also when a PEFT internal it reads is missing."""
         if not (FAST_PATH_SUPPORTED and self.fast_path and x.is_floating_point()):
             return None
         try:
@@ -278,26 +279,27 @@ class _LoraDropLayer:
         if name is None or name in state["lora_variant"]:
             return None
         modules = state["_modules"]
-        base, lora_a, lora_b = (modules["base_layer"], modules["lora_A"]._modules[name],
-                                modules["lora_B"]._modules[name])
-        if not (_plain_linear(base) and _plain_linear(lora_a) and _plain_linear(lora_b)):
+        base, lora_b = modules["base_layer"], modules["lora_B"]._modules[name]
+        weight, a, b = _plain_weight(base), _plain_weight(modules["lora_A"]._modules[name]), _plain_weight(lora_b)
+        if weight is None or a is None or b is None or lora_b.__dict__["_parameters"]["bias"] is not None:
             return None
-        if lora_b.bias is not None or _global_hooks():
+        if _global_hooks():
             return None
         drop_p = _dropout_p(modules["lora_dropout"]._modules[name], x)
-        dtype = _compute_dtype(x, base.weight, lora_a.weight, lora_b.weight)
+        dtype = _compute_dtype(x, weight, a, b)
         if drop_p is None or dtype is None:
             return None
         spec = (float(state["scaling"][name]), dtype, tuple(x.shape[:-1]), self._active_mask(), self.observer, drop_p)
-        return base, lora_a, lora_b, spec
+        return weight, base.__dict__["_parameters"]["bias"], a, b, spec
 
     def _single_active_adapter(self) -> str | None:
         """The one active adapter that has a LoRA here (PEFT skips the others), else None."""
         state = self.__dict__
-        active, lora_a = state["_active_adapter"], state["_modules"]["lora_A"]
-        names = [active] if isinstance(active, str) else active
-        present = [name for name in names if name in lora_a._modules]
-        return present[0] if len(present) == 1 else None
+        active, present = state["_active_adapter"], state["_modules"]["lora_A"]._modules
+        if isinstance(active, str):
+            return active if active in present else None
+        names = [name for name in active if name in present]
+        return names[0] if len(names) == 1 else None
 
     def _peft_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         mask, observer = self._active_mask(), self.observer

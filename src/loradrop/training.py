@@ -15,7 +15,7 @@ import math
 import os
 import platform
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from .config import METHODS, LoraDropConfig, RunConfig, run_lora_defaults
 from .probe import ImportanceResult, evaluate_importance
 from .fsdp import gathered_lora, replicated_modules, sync_replicated_grads
 from .generate_eval import evaluate_generation
+from .liger import apply_liger, liger_report
 from .models import load_causal_lm, load_classifier, tokenize_task
 from .report import importance_heatmap, output_norm_histograms, results_table
 from .selection import Plan, select
@@ -124,9 +125,14 @@ class _GenerationMetric(TrainerCallback):
                     model: Any = None, **kwargs: Any) -> None:
         if metrics is None:
             return
-        metrics.update({f"eval_{k}": v for k, v in self.score(model).items()})
+        scores = {f"eval_{k}": v for k, v in self.score(model).items()}
         if "eval_loss" in metrics:
-            metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 700.0))
+            scores["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 700.0))
+        metrics.update(scores)
+        # the Trainer logged a copy of the metrics just before: its history (the learning curve) gets them too
+        last = state.log_history[-1] if state.log_history else {}
+        if last.get("step") == state.global_step and "eval_loss" in last:
+            last.update(scores)
 
 
 # -- stage 1 -------------------------------------------------------------------------------------
@@ -291,9 +297,11 @@ def _versions() -> dict[str, str]:
             "peft": peft.__version__, "python": platform.python_version()}
 
 
-def run(cfg: RunConfig, importance_from: Path | None = None) -> dict[str, Any]:
+def run(cfg: RunConfig, importance_from: Path | None = None, base_scores_from: Path | None = None) -> dict[str, Any]:
     """Runs (or resumes, or returns the finished) run in ``cfg.output_dir``; returns results.json's
-    content. ``importance_from`` reuses another run's probe (same data, model and seed)."""
+    content. ``importance_from`` reuses another run's probe (same data, model and seed);
+    ``base_scores_from`` another generation run's score of the base model (same model, validation
+    data and generation settings), which saves generating with the un-tuned model again."""
     out = Path(cfg.output_dir)
     had_config = run_dir.check_run_dir(out, asdict(cfg))  # a rerun resumes only the same run
     created = not out.exists()
@@ -303,14 +311,15 @@ def run(cfg: RunConfig, importance_from: Path | None = None) -> dict[str, Any]:
         with run_dir.exclusive_lock(out / run_dir.LOCK_FILE, out) if _is_main() else contextlib.nullcontext():
             locked = True
             had_config = run_dir.check_run_dir(out, asdict(cfg))  # again, now that this process holds it
-            return _run_locked(cfg, out, importance_from, had_config or not _is_main())
+            return _run_locked(cfg, out, importance_from, base_scores_from, had_config or not _is_main())
     except Exception:
         if locked and _is_main():  # after the lock is released: its file is gone
             run_dir.remove_if_unused(out, created, not had_config)
         raise
 
 
-def _run_locked(cfg: RunConfig, out: Path, importance_from: Path | None, had_config: bool) -> dict[str, Any]:
+def _run_locked(cfg: RunConfig, out: Path, importance_from: Path | None, base_scores_from: Path | None,
+                had_config: bool) -> dict[str, Any]:
     results_file = out / "results.json"
     if results_file.exists():
         return json.loads(results_file.read_text())
@@ -319,8 +328,10 @@ def _run_locked(cfg: RunConfig, out: Path, importance_from: Path | None, had_con
     if not had_config:  # written once the data and the model loaded: a run that cannot start leaves none
         write_json(asdict(cfg), out / run_dir.RUN_CONFIG)
     generation = task.label_kind == "generation"
+    liger = (apply_liger(model, cfg.liger) if generation
+             else liger_report(reason="a classifier: Liger is applied to causal LMs"))
     gen_metric = _GenerationMetric(task, tokenizer, data["validation"], cfg) if generation else None
-    base_scores = _base_scores(gen_metric, model, out) if gen_metric else None
+    base_scores = _base_scores(gen_metric, model, out, base_scores_from) if gen_metric else None
 
     start = time.perf_counter()
     peft_model = add_lora(model, ld_cfg)  # the probe trains this LoRA; apply_plan re-initialises it
@@ -360,6 +371,7 @@ def _run_locked(cfg: RunConfig, out: Path, importance_from: Path | None, had_con
         "metric_name": task.metric,
         "metric": keep_best.best["metric"],
         "best_step": keep_best.best["step"],
+        "eval_history": _eval_history(trainer.state.log_history),
         "scores": keep_best.best["scores"],
         "majority_baseline": None if generation else majority_baseline(data["train"]["label"], data["validation"]["label"],
                                                                        task.metric),
@@ -375,6 +387,7 @@ def _run_locked(cfg: RunConfig, out: Path, importance_from: Path | None, had_con
                     "total_seconds": time.perf_counter() - start},
         "versions": _versions(),
         "device": str(peft_model.device),
+        "liger": liger,
     }
     if generation:
         results.update(base_model_scores=base_scores, length_report=tokenized.length_report,
@@ -384,13 +397,26 @@ def _run_locked(cfg: RunConfig, out: Path, importance_from: Path | None, had_con
     return results
 
 
-def _base_scores(gen_metric: _GenerationMetric, model: Any, out: Path) -> dict[str, float]:
+def _eval_history(log_history: list[dict[str, Any]]) -> list[dict[str, float]]:
+    """Every evaluation's step and scores (the learning curve; a resumed run's includes the evaluations
+    before the kill, which the Trainer restores from the checkpoint)."""
+    return [{"step": entry["step"], **{k.removeprefix("eval_"): v for k, v in entry.items() if k.startswith("eval_")}}
+            for entry in log_history if "eval_metric" in entry]
+
+
+def _base_scores(gen_metric: _GenerationMetric, model: Any, out: Path, source: Path | None) -> dict[str, float]:
     """The base model's score before fine-tuning (the floor a generation run has to beat), kept in
-    ``base_scores.json`` so a resumed run does not generate again."""
+    ``base_scores.json`` so a resumed run does not generate again; taken from ``source``'s
+    ``base_scores.json`` when given."""
     record = out / "base_scores.json"
     if record.exists():
         return json.loads(record.read_text())
-    scores = gen_metric.score(model)
+    if source is not None:
+        if not (source / "base_scores.json").is_file():
+            raise ValueError(f"{source} has no base_scores.json: give a generation run directory that scored its base model")
+        scores = json.loads((source / "base_scores.json").read_text())
+    else:
+        scores = gen_metric.score(model)
     if _is_main():
         write_json(scores, record)
     return scores
@@ -412,38 +438,91 @@ def probe(cfg: RunConfig) -> dict[str, Any]:
 DEMO_METHODS = ("lora", "lora-drop", "droplora", "lora-drop+droplora")
 
 
-def demo_config(out: Path, method: str, steps: int, train_examples: int, seed: int) -> RunConfig:
-    """The demo's budget, sized for a 2-core CPU: MiniLM on rotten-tomatoes, batch 32, 48 tokens,
-    lr 1e-3, ``steps`` steps on ``train_examples`` examples; the probe gets 3 epochs on 10 % of them."""
-    return RunConfig(output_dir=str(out / f"{method}-seed{seed}"), method=method, task="rotten-tomatoes",
-                     model="minilm", max_train_examples=train_examples, max_steps=steps, eval_steps=max(1, steps // 3),
-                     batch_size=32, learning_rate=1e-3, max_length=48, lora=replace(run_lora_defaults(), seed=seed))
+@dataclass(frozen=True)
+class DemoBudget:
+    """What the demo runs on one task, sized for a 2-core CPU: every method gets the same model,
+    training examples, steps, batch, learning rate and length, and LoRA-drop's probe trains
+    ``probe_epochs`` over 10 % of the training examples."""
+
+    model: str
+    steps: int
+    train_examples: int
+    batch_size: int
+    learning_rate: float
+    max_length: int
+    probe_epochs: float = 3.0
+    max_new_tokens: int = 256  # generation tasks: a cap on each validation answer
+    generation_eval_examples: int = 50  # generation tasks: validation prompts answered
 
 
-def run_demo(out: Path, steps: int = 120, train_examples: int = 6400, seed: int = 0,
-             methods: tuple[str, ...] = DEMO_METHODS) -> list[dict[str, Any]]:
+# rotten-tomatoes: 120 steps of 6,400 critic snippets took 12 min of runs on the 2-core machine.
+# bbc-headlines: a SmolLM2 step of batch 8 (about 80 tokens each) costs ~10 s of one core and answering
+# the 100 validation leads (<= 16 new tokens) ~65 s, so the base score, a one-epoch probe of 64
+# examples and 12 steps per method add up to ~1,000 core-seconds (see benchmarks/results/demo_llm_cpu).
+DEMO_BUDGETS = {
+    "rotten-tomatoes": DemoBudget("minilm", steps=120, train_examples=6400, batch_size=32, learning_rate=1e-3,
+                                  max_length=48),
+    "bbc-headlines": DemoBudget("smollm2", steps=12, train_examples=640, batch_size=8, learning_rate=2e-3,
+                                max_length=128, probe_epochs=1.0, max_new_tokens=16, generation_eval_examples=100),
+}
+
+
+def _demo_budget(task: str) -> DemoBudget:
+    if task not in DEMO_BUDGETS:
+        raise ValueError(f"the demo has no budget for task {task!r}; demo tasks: {', '.join(DEMO_BUDGETS)}")
+    return DEMO_BUDGETS[task]
+
+
+def demo_config(out: Path, method: str, seed: int, task: str = "rotten-tomatoes", steps: int | None = None,
+                train_examples: int | None = None) -> RunConfig:
+    """One method's run of the demo on ``task`` (``DEMO_BUDGETS``; ``steps`` and ``train_examples``
+    override the budget's). A generation task is evaluated once, at the end: on a CPU answering the
+    validation prompts costs as much as several training steps."""
+    budget = _demo_budget(task)
+    steps = steps or budget.steps
+    generation = get_task(task).label_kind == "generation"
+    lora = replace(run_lora_defaults(), seed=seed, probe_epochs=budget.probe_epochs,
+                   probe_batch_size=min(budget.batch_size, run_lora_defaults().probe_batch_size))
+    return RunConfig(output_dir=str(out / f"{method}-seed{seed}"), method=method, task=task, model=budget.model,
+                     max_train_examples=train_examples or budget.train_examples, max_steps=steps,
+                     eval_steps=steps if generation else max(1, steps // 3), batch_size=budget.batch_size,
+                     learning_rate=budget.learning_rate, max_length=budget.max_length,
+                     max_new_tokens=budget.max_new_tokens, generation_eval_examples=budget.generation_eval_examples,
+                     lora=lora)
+
+
+def run_demo(out: Path, task: str = "rotten-tomatoes", steps: int | None = None, train_examples: int | None = None,
+             seed: int = 0, methods: tuple[str, ...] = DEMO_METHODS) -> list[dict[str, Any]]:
     """Runs each method (resuming finished or killed ones), writes ``out/report`` (results table,
-    importance heatmap, output-norm histograms) and returns one results row per method."""
+    importance heatmap, output-norm histograms) and returns one results row per method. The later
+    LoRA-drop variants reuse the first one's probe, and on a generation task every run after the
+    first reuses its score of the base model."""
     probe_dir: Path | None = None
+    first_dir: Path | None = None
     rows = []
     for method in methods:
-        cfg = demo_config(out, method, steps, train_examples, seed)
-        results = run(cfg, importance_from=probe_dir)
+        cfg = demo_config(out, method, seed, task, steps, train_examples)
+        results = run(cfg, importance_from=probe_dir, base_scores_from=first_dir)
         if METHODS[method][0] is not None and probe_dir is None:
-            probe_dir = Path(cfg.output_dir)  # the later LoRA-drop variants reuse this probe
+            probe_dir = Path(cfg.output_dir)
+        first_dir = first_dir or Path(cfg.output_dir)
         rows.append(results)
     _write_demo_report(out / "report", rows, probe_dir)
     return rows
 
 
 def summary_row(results: dict[str, Any]) -> dict[str, Any]:
-    """The columns a person compares runs by."""
+    """The columns a person compares runs by, and the floor the metric has to beat: ``majority``
+    (always answering the most common class) for a classifier, ``base`` (the base model's score
+    before fine-tuning) for a generation run."""
     retained = sum(len(v) for v in results["plan"]["retained"].values())
     sites = sum(len(v) for v in results["plan"]["layers"].values())
-    return {"method": results["method"], "task": results["task"], "seed": results["seed"],
-            "sites_kept": f"{retained}/{sites}", "lora_params": results["lora_parameters"],
-            "adapter_bytes": results["adapter_bytes"], "metric": results["metric"],
-            "majority": results["majority_baseline"]}
+    row = {"method": results["method"], "task": results["task"], "seed": results["seed"],
+           "sites_kept": f"{retained}/{sites}", "lora_params": results["lora_parameters"],
+           "adapter_bytes": results["adapter_bytes"], "metric": results["metric"]}
+    if results.get("base_model_scores") is not None:
+        return {**row, "base": results["base_model_scores"]["metric"]}
+    return {**row, "majority": results["majority_baseline"]}
 
 
 def _write_demo_report(report: Path, rows: list[dict[str, Any]], probe_dir: Path | None) -> None:

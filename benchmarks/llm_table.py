@@ -1,0 +1,155 @@
+"""The LLM comparison (LoRA-drop's Table 2, DropLoRA's Table 1 analogue) on the bundled SmolLM2.
+
+Per generation task and seed: LoRA, LoRA-drop (T = 0.9), DropLoRA (p = 0.5, token masks,
+lora_dropout 0.05 as the DropLoRA authors' code) and both, r = 64, alpha = 2r, on q, k, v, o, up, down
+(LoRA-drop's NLG setting). The two LoRA-drop methods of a (task, seed) share one probe. Runs go in
+parallel worker processes (one GPU holds them all); the summary goes to --out:
+
+- ``llm_table.md`` / ``llm_table.json``: the task metric (mean ± std over seeds), the base model's
+  score, LoRA parameters, adapter bytes, the retained fraction per module type, and whether each run
+  converged (its best evaluation is not its last, or its last two differ by less than the seed std);
+- ``learning_curves_<task>.png``: every run's metric at every evaluation;
+- ``importance_<task>.png``: the probe's importance per layer and module type (seed 0).
+
+    python benchmarks/llm_table.py --out results/llm_table --runs /tmp/llm-runs --workers 12
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import statistics
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from reproduce import run_group  # noqa: E402
+
+METHODS = ["lora", "lora-drop", "droplora", "lora-drop+droplora"]
+# per task: epochs, evaluation interval, generation cap (a headline is ~10 tokens, a GSM solution ~150)
+TASKS = {"bbc-headlines": dict(epochs=4.0, eval_steps=40, max_new_tokens=32, generation_eval_examples=200),
+         "gsm": dict(epochs=20.0, eval_steps=20, max_new_tokens=320, generation_eval_examples=20)}
+
+
+def options(args: argparse.Namespace, task: str) -> dict:
+    return dict(model=args.model, task=task, dtype="bfloat16", r=64, lora_alpha=128, lora_dropout=0.05,
+                rank_dropout=0.5, batch_size=args.batch_size, learning_rate=args.learning_rate,
+                max_length=args.max_length, max_steps=args.max_steps, show_progress=False, **TASKS[task])
+
+
+def plan_jobs(args: argparse.Namespace) -> list[list[dict]]:
+    groups = []
+    for task in args.tasks:
+        for seed in args.seeds:
+            probe = str(args.runs / task / f"lora-drop-seed{seed}")
+            groups.append([{"config": {**options(args, task), "seed": seed, "method": method,
+                                       "output_dir": str(args.runs / task / f"{method}-seed{seed}")},
+                            "importance_from": probe if method == "lora-drop+droplora" else None}
+                           for method in ("lora-drop", "lora-drop+droplora")])
+            groups.extend([[{"config": {**options(args, task), "seed": seed, "method": method,
+                                        "output_dir": str(args.runs / task / f"{method}-seed{seed}")}}]
+                           for method in ("lora", "droplora")])
+    return groups
+
+
+def converged(history: list[dict], seed_std: float) -> bool:
+    """The issue's rule: the best evaluation is not the last one, or the last two evaluations differ
+    by less than the seed standard deviation."""
+    metrics = [e["metric"] for e in history]
+    best_not_last = metrics.index(max(metrics)) < len(metrics) - 1
+    flat = len(metrics) >= 2 and abs(metrics[-1] - metrics[-2]) < seed_std
+    return best_not_last or flat
+
+
+def learning_curves(runs: dict[str, list[dict]], task: str, metric: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    colours = dict(zip(METHODS, ("tab:blue", "tab:orange", "tab:green", "tab:red")))
+    for method in METHODS:
+        for i, result in enumerate(runs[method]):
+            steps = [e["step"] for e in result["eval_history"]]
+            ax.plot(steps, [100 * e["metric"] for e in result["eval_history"]], color=colours[method], alpha=0.8,
+                    label=method if i == 0 else None)
+    ax.set_xlabel("step")
+    ax.set_ylabel(f"{metric} (validation, %)")
+    ax.set_title(f"SmolLM2-135M-Instruct on {task}: every run's evaluations")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def summarise(args: argparse.Namespace) -> None:
+    from loradrop.report import aggregate_runs, importance_heatmap, results_table, write_json
+    from loradrop.training import summary_row
+
+    rows, full, text = [], [], ["# SmolLM2-135M-Instruct: LoRA, LoRA-drop, DropLoRA, both", ""]
+    for task in args.tasks:
+        runs = {m: [json.loads((args.runs / task / f"{m}-seed{s}" / "results.json").read_text()) for s in args.seeds]
+                for m in METHODS}
+        metric = runs["lora"][0]["metric_name"]
+        for method, results in runs.items():
+            std = statistics.stdev([r["metric"] for r in results]) if len(results) > 1 else 0.0
+            for r in results:
+                fractions = {t: len(r["plan"]["retained"][t]) / len(r["plan"]["layers"][t]) for t in r["plan"]["layers"]}
+                row = {**summary_row(r), "metric": 100 * r["metric"], "base": 100 * r["base_model_scores"]["metric"],
+                       "converged": converged(r["eval_history"], std), "best_step": r["best_step"],
+                       "last_step": r["eval_history"][-1]["step"]}
+                rows.append({k: v for k, v in row.items() if k != "majority"} |
+                            {f"kept_{t}": f for t, f in sorted(fractions.items())})
+                full.append(r)
+        learning_curves(runs, task, metric, args.out / f"learning_curves_{task}.png")
+        importance = json.loads((args.runs / task / f"lora-drop-seed{args.seeds[0]}" / "importance.json").read_text())
+        importance_heatmap({t: {int(k): v for k, v in s.items()} for t, s in importance["importance"].items()},
+                           args.out / f"importance_{task}.png", title=f"{task}: LoRA importance I / max I, seed 0")
+    value_keys = ("metric", "base", "lora_params", "adapter_bytes") + tuple(sorted(k for k in rows[0] if k.startswith("kept_")))
+    table = aggregate_runs(rows, group_by=("task", "method"), value_keys=value_keys)
+    for row in table:
+        mine = [r for r in rows if r["task"] == row["task"] and r["method"] == row["method"]]
+        row["converged"] = f"{sum(r['converged'] for r in mine)}/{len(mine)}"
+    text += [f"Seeds {args.seeds}; r = 64, alpha = 128 on q, k, v, o, up, down; lr {args.learning_rate}, batch "
+             f"{args.batch_size}, bf16 base; DropLoRA p = 0.5 (token masks), lora_dropout 0.05; metric in %, "
+             "mean ± std over seeds; `base` is the model before fine-tuning.", "", results_table(table), "",
+             "## Every run", "", results_table(rows), ""]
+    (args.out / "llm_table.md").write_text("\n".join(text))
+    write_json({"table": table, "rows": rows, "runs": full, "settings": {k: str(v) for k, v in vars(args).items()}},
+               args.out / "llm_table.json")
+    print("\n".join(text))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--runs", type=Path, required=True)
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--learning-rate", type=float, default=2e-4)
+    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--max-steps", type=int, help="cap every run's steps (a smoke test)")
+    parser.add_argument("--workers", type=int, default=12)
+    parser.add_argument("--summary-only", action="store_true")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    if not args.summary_only:
+        from loradrop.models import load_causal_lm
+
+        load_causal_lm(args.model)  # a bundled model is converted once, before the workers start
+        start = time.time()
+        with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            for future in [pool.submit(run_group, g) for g in plan_jobs(args)]:
+                for d in future.result():
+                    print(f"done {d} ({time.time() - start:.0f} s)", flush=True)
+    summarise(args)
+
+
+if __name__ == "__main__":
+    main()
