@@ -113,18 +113,6 @@ def test_plain_lora_run_keeps_every_site_and_reuse_of_a_probe(tmp_path, tiny_mod
         assert len(inverse["plan"]["retained"][t]) == len(first["plan"]["retained"][t])
 
 
-def test_fsdp_is_refused_for_a_shared_lora(tmp_path):
-    from loradrop import Plan
-    from loradrop.training import _refuse_fsdp_with_sharing
-
-    shared = Plan(layers={"query": [0, 1, 2]}, retained={"query": [1]})
-    cfg = RunConfig(output_dir=str(tmp_path), extra={"fsdp": "full_shard"})
-    with pytest.raises(ValueError, match="FSDP cannot shard a LoRA that several layers share"):
-        _refuse_fsdp_with_sharing(shared, cfg)
-    _refuse_fsdp_with_sharing(Plan(layers=shared.layers, retained=shared.layers), cfg)  # plain LoRA is fine
-    _refuse_fsdp_with_sharing(shared, RunConfig(output_dir=str(tmp_path)))  # no FSDP, no objection
-
-
 def test_a_nan_metric_never_replaces_the_best_adapter(tmp_path):
     keep = _KeepBest(tmp_path)
     keep.best = {"metric": 0.5, "step": 1, "scores": {}}

@@ -1,6 +1,7 @@
 """loradrop: LoRA-drop (output-based LoRA pruning with a shared LoRA) and DropLoRA on PEFT."""
 
 from .adapter_io import describe_adapter, export_peft, load_adapter, save_adapter
+from .fsdp import gathered_lora, shard_model
 from .config import LoraDropConfig, RankDropoutConfig, RunConfig
 from .probe import ImportanceProbe, ImportanceResult, evaluate_importance
 from .layer import LoraDropLinear
@@ -32,11 +33,13 @@ __all__ = [
     "export_peft",
     "fast_path_enabled",
     "find_sites",
+    "gathered_lora",
     "load_adapter",
     "lora_parameter_count",
     "remove_rank_dropout",
     "save_adapter",
     "select",
+    "shard_model",
     "stratified_sample",
     "summary",
 ]

@@ -219,6 +219,8 @@ class RunConfig:
     max_new_tokens: int = field(default=256, metadata=_help("cap on generated tokens per validation answer"))
     generation_eval_examples: int = field(default=50, metadata=_help(
         "validation examples answered by generation at each evaluation (greedy; slow on a CPU)"))
+    gradient_checkpointing: bool = field(default=False, metadata=_help(
+        "recompute activations in backward (non-reentrant, so a shared LoRA's gradient is whole)"))
     liger: bool = field(default=True, metadata=_help(
         "Liger's kernels (RoPE, RMSNorm, SwiGLU, fused linear cross-entropy) on a causal LM on CUDA, "
         "where liger-kernel supports its type"))

@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from peft import PeftModel
 from peft.utils import ModulesToSaveWrapper
+from torch.distributed.fsdp import FSDPModule
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm.auto import tqdm
 
@@ -291,7 +292,8 @@ def _default_collate(tokenizer: Any | None) -> Callable:
 
 def _probe_train(model: nn.Module, sample: Any, collate_fn: Callable | None, cfg: LoraDropConfig,
                  show_progress: bool) -> int:
-    """Trains the probe's LoRA; data-parallel (torch DDP) when torch.distributed is initialised."""
+    """Trains the probe's LoRA; data-parallel when torch.distributed is initialised: torch DDP, or
+    FSDP2 itself when the model is already sharded with ``fully_shard`` (it averages the gradients)."""
     loader, sampler = _train_loader(sample, cfg, collate_fn)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.probe_lr)
@@ -300,7 +302,7 @@ def _probe_train(model: nn.Module, sample: Any, collate_fn: Callable | None, cfg
         steps = min(steps, cfg.probe_max_steps)
     device = _device_of(model)
     trained = model
-    if _distributed():
+    if _distributed() and not isinstance(model, FSDPModule):
         trained = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     model.train()
 
@@ -381,7 +383,14 @@ def evaluate_importance(
     Under torch.distributed (torchrun, accelerate launch) every rank draws the same sample, the probe
     trains data-parallel with torch DDP (``probe_batch_size`` per process), each rank measures its
     share of the sample, g is summed over ranks, and the plan is checked to be identical everywhere.
+    A PEFT model sharded with FSDP2 (``loradrop.shard_model``) is probed the same way, FSDP2 taking
+    DDP's place; a plain model must not be sharded yet (its probe LoRA would be added to shards).
     """
+    if isinstance(model, FSDPModule) and not isinstance(model, PeftModel):
+        raise ValueError(
+            f"{type(model).__name__} is sharded by FSDP but has no LoRA: add LoRA first (peft.get_peft_model), "
+            "then shard it (loradrop.shard_model) and probe the PEFT model"
+        )
     sample = stratified_sample(train_dataset, cfg.sample_ratio, cfg.label_column, cfg.seed)
     wrapped = not isinstance(model, PeftModel)
     requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}

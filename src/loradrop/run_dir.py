@@ -32,7 +32,7 @@ RUN_CONFIG = "run_config.json"
 # files of a run directory that only a run writes: with them and no run_config.json it is not ours to resume
 RUN_ARTIFACTS = ("results.json", "best.json", "importance.json", "checkpoints", "adapter")
 # settings that do not change what a run computes: a rerun may change them
-NOT_COMPARED = ("output_dir", "show_progress")
+NOT_COMPARED = ("output_dir", "show_progress", "gradient_checkpointing")  # these leave the numbers alone
 NOT_COMPARED_EXTRA = ("disable_tqdm", "logging_steps", "report_to", "dataloader_num_workers", "save_total_limit",
                       "logging_dir", "run_name")
 PARTIAL_DIR = "partial-checkpoints"

@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 from peft import PeftModel
 from peft.utils import ModulesToSaveWrapper
+from torch.distributed.fsdp import FSDPModule
 
 from .config import LoraDropConfig
 from .probe import ImportanceResult
@@ -98,6 +99,11 @@ def apply_plan(model: nn.Module, plan: Plan | ImportanceResult, cfg: LoraDropCon
     ``cfg.rank_dropout > 0`` turns on DropLoRA's rank mask on every remaining site, and
     ``cfg.fast_path`` loradrop's fused LoRA forward (same numbers as PEFT's, less memory traffic).
     """
+    if isinstance(model, FSDPModule):
+        raise ValueError(
+            f"{type(model).__name__} is already sharded by FSDP, and a plan cannot tie LoRAs across shard groups: "
+            "apply the plan to an unsharded model, then shard it with loradrop.shard_model"
+        )
     result = plan if isinstance(plan, ImportanceResult) else None
     plan = result.plan if result is not None else plan
     if not isinstance(plan, Plan):

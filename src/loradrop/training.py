@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import platform
 import time
 from dataclasses import asdict, dataclass, replace
@@ -22,7 +23,6 @@ import peft
 import torch
 import transformers
 from accelerate import PartialState
-from accelerate.utils import DistributedType
 from accelerate.utils import set_seed as seed_per_rank
 from datasets import DatasetDict
 from peft import PeftModel
@@ -32,6 +32,7 @@ from . import __version__, run_dir
 from .adapter_io import atomic_write_bytes, describe_adapter, save_adapter, write_json
 from .config import METHODS, LoraDropConfig, RunConfig, run_lora_defaults
 from .probe import ImportanceResult, evaluate_importance
+from .fsdp import gathered_lora, replicated_modules, sync_replicated_grads
 from .generate_eval import evaluate_generation
 from .liger import apply_liger, liger_report
 from .models import load_causal_lm, load_classifier, tokenize_task
@@ -182,14 +183,55 @@ def _probe_and_record(model: Any, train: Any, tokenizer: Any, cfg: RunConfig, ld
     return record
 
 
-def _refuse_fsdp_with_sharing(plan: Plan, cfg: RunConfig) -> None:
-    """FSDP puts each parameter in one shard group; a LoRA shared by several layers would need two."""
-    fsdp = _state().distributed_type == DistributedType.FSDP or bool(cfg.extra.get("fsdp"))
-    if fsdp and plan.others == "shared" and any(plan.others_of(t) for t in plan.layers):
+def _fsdp_version(cfg: RunConfig) -> int | None:
+    """The FSDP version the run trains under, None without FSDP: TrainingArguments' ``fsdp`` (through
+    ``extra``; transformers' default version is 2) or an ``accelerate launch`` FSDP config
+    (``fsdp_version``; accelerate's default is 1)."""
+    if cfg.extra.get("fsdp"):
+        fsdp_config = cfg.extra.get("fsdp_config")
+        return int(fsdp_config.get("version", 2)) if isinstance(fsdp_config, dict) else 2
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        return int(os.environ.get("FSDP_VERSION", "1"))
+    return None
+
+
+def _check_fsdp(plan: Plan, cfg: RunConfig) -> None:
+    """Before training: a shared LoRA trains under FSDP2 only (replicated beside the shards, see
+    ``loradrop.fsdp``); FSDP1 flattens each unit's parameters into one shard group and has no such way."""
+    version = _fsdp_version(cfg)
+    if version not in (None, 2) and plan.others == "shared" and any(plan.others_of(t) for t in plan.layers):
         raise ValueError(
-            "FSDP cannot shard a LoRA that several layers share; train LoRA-drop with data parallelism "
-            "(torchrun / accelerate launch without an FSDP config), or use method lora or no-share under FSDP"
+            f"FSDP version {version} cannot train a LoRA that several layers share; use FSDP2 (fsdp_version: 2 in the "
+            "accelerate config, or fsdp_config={'version': 2}), data parallelism (torchrun / accelerate launch without "
+            "an FSDP config), or method lora or no-share under FSDP1"
         )
+
+
+def _replicate_shared_loras(trainer: Trainer, model: PeftModel) -> None:
+    """Under FSDP2, hands accelerate the shared LoRAs as ``ignored_modules`` (fully_shard's
+    ``ignored_params``: replicated, in no layer's unit) and has ``loradrop.fsdp`` average their
+    gradients; bf16 runs reduce gradients in float32. Called after the Trainer made its accelerator
+    and before ``train`` shards the model."""
+    if not trainer.is_fsdp_enabled:
+        return
+    plugin = trainer.accelerator.state.fsdp_plugin
+    if plugin.activation_checkpointing:
+        raise ValueError("fsdp_activation_checkpointing=true wraps each layer in torch's checkpoint wrapper, under which "
+                         "PEFT finds no adapter weights to save; set fsdp_activation_checkpointing: false in the FSDP "
+                         "config and pass --gradient-checkpointing instead")
+    if plugin.fsdp_version == 2 and plugin.mixed_precision_policy is not None:
+        plugin.mixed_precision_policy = replace(plugin.mixed_precision_policy, reduce_dtype=torch.float32)
+    shared = replicated_modules(model)
+    if not shared:
+        return
+    if plugin.ignored_modules is not None:
+        raise ValueError(f"fsdp_ignored_modules={plugin.ignored_modules!r}: loradrop sets FSDP's ignored modules to "
+                         "the shared LoRAs itself; remove fsdp_ignored_modules from the FSDP config")
+    if plugin.cpu_ram_efficient_loading:
+        raise ValueError("fsdp_cpu_ram_efficient_loading=true would move the replicated shared LoRAs to the meta "
+                         "device; set fsdp_cpu_ram_efficient_loading: false in the FSDP config")
+    plugin.ignored_modules = shared
+    sync_replicated_grads(model)
 
 
 # -- stage 2 -------------------------------------------------------------------------------------
@@ -208,9 +250,10 @@ class _KeepBest(TrainerCallback):
             return
         self.best = {"metric": score, "step": state.global_step,
                      "scores": {k.removeprefix("eval_"): v for k, v in metrics.items()}}
-        if _is_main():  # every rank tracks the best (metrics are gathered), one writes
-            save_adapter(model, self.out / "adapter")
-            write_json(self.best, self.best_file)
+        with gathered_lora(model):  # every rank: under FSDP2 this gathers the sharded LoRAs
+            if _is_main():  # every rank tracks the best (metrics are gathered), one writes
+                save_adapter(model, self.out / "adapter")
+                write_json(self.best, self.best_file)
 
 
 def _training_args(cfg: RunConfig, out: Path, steps_per_epoch: int, generation: bool = False) -> TrainingArguments:
@@ -238,6 +281,8 @@ def _training_args(cfg: RunConfig, out: Path, steps_per_epoch: int, generation: 
         disable_tqdm=not cfg.show_progress,
         dataloader_num_workers=0,
         ddp_find_unused_parameters=False,  # every LoRA site is used in every forward
+        activation_checkpointing=cfg.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False},  # reentrant replays would split a shared LoRA's gradient
         # A classifier's loss is a mean over the batch, but a PEFT model's forward takes **kwargs, so the
         # Trainer would treat it as a token-sum loss and multiply it by the number of processes.
         average_tokens_across_devices=False,
@@ -291,7 +336,7 @@ def _run_locked(cfg: RunConfig, out: Path, importance_from: Path | None, base_sc
     start = time.perf_counter()
     peft_model = add_lora(model, ld_cfg)  # the probe trains this LoRA; apply_plan re-initialises it
     plan, probe_seconds = _plan(peft_model, tokenized["train"], tokenizer, cfg, ld_cfg, out, importance_from)
-    _refuse_fsdp_with_sharing(plan, cfg)
+    _check_fsdp(plan, cfg)
     peft_model = apply_plan(peft_model, plan, ld_cfg)
 
     steps_per_epoch = -(-len(tokenized["train"]) // (cfg.batch_size * _state().num_processes))
@@ -304,6 +349,7 @@ def _run_locked(cfg: RunConfig, out: Path, importance_from: Path | None, base_sc
         compute_metrics=None if generation else lambda p: compute_metrics(task, p.predictions, p.label_ids),
         callbacks=([gen_metric] if gen_metric else []) + [keep_best := _KeepBest(out)],
     )
+    _replicate_shared_loras(trainer, peft_model)
     seed_per_rank(cfg.seed, device_specific=True)  # rank-dropout masks differ by rank, reproducibly
     checkpoint = run_dir.newest_complete_checkpoint(out / "checkpoints", set_aside=_is_main())
     train_start = time.perf_counter()
