@@ -38,7 +38,8 @@ def test_list_and_get():
 
 
 def test_unknown_task_names_the_known_ones():
-    with pytest.raises(ValueError, match="unknown task 'sst2'; known tasks: bbc-headlines, bbc-news, gsm, rotten-tomatoes, tweet-sentiment"):
+    known = "bbc-headlines, bbc-news, gsm, rotten-tomatoes, tweet-sentiment"
+    with pytest.raises(ValueError, match=f"unknown task 'sst2'; known tasks: {known}"):
         get_task("sst2")
 
 
@@ -202,7 +203,8 @@ def test_bbc_headlines_rows_are_the_articles_first_line_and_lead(headlines):
         "the three months to December, from $639m year-earlier.")
     # entertainment/120.txt: two short paragraphs (31 + 13 words) fit in 50 words, the third (34) does not
     assert rows["'My memories of Marley...'"].endswith(
-        "the man behind the legend.\n\nPartridge worked with Marley from 1977 until the Jamaican musician's death in 1981.")
+        "the man behind the legend.\n\nPartridge worked with Marley from 1977 until the Jamaican musician's death "
+        "in 1981.")
     # business/245.txt: a first paragraph of 160 words is cut after its 50th
     assert rows["The 'ticking budget' facing the US"].endswith("are in for a dose of shock")
     assert all(p.startswith(HEADLINE_INSTRUCTION + "\n\n") and h not in p for h, p in rows.items())

@@ -350,7 +350,8 @@ def _base_scores(gen_metric: _GenerationMetric, model: Any, out: Path, source: P
         return json.loads(record.read_text())
     if source is not None:
         if not (source / "base_scores.json").is_file():
-            raise ValueError(f"{source} has no base_scores.json: give a generation run directory that scored its base model")
+            raise ValueError(f"{source} has no base_scores.json: give a generation run directory that scored its "
+                             "base model")
         scores = json.loads((source / "base_scores.json").read_text())
     else:
         scores = gen_metric.score(model)
