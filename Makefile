@@ -5,7 +5,7 @@ PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup test demo clean
+.PHONY: setup test demo demo-llm clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -31,6 +31,10 @@ test: setup
 
 demo: setup
 	$(BIN)/loradrop demo --out demo-out
+
+# SmolLM2-135M-Instruct learns to write BBC News headlines; its one-time conversion from GGUF comes first.
+demo-llm: setup
+	$(BIN)/loradrop demo --task bbc-headlines --out demo-llm-out
 
 clean:
 	rm -rf $(VENV)

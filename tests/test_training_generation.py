@@ -68,8 +68,9 @@ def test_generation_fields_are_validated(tmp_path, field, value, message):
 
 
 def test_demo_on_a_generation_task_scores_the_base_model_once(tmp_path, llama_dir, monkeypatch):
-    """The demo's generation path end to end on the real bbc-headlines data with a tiny Llama: four
-    methods, the base model scored by the first run only and shown in the report's ``base`` column."""
+    """The demo's generation path end to end on the real bbc-headlines data with a tiny Llama (two of
+    the four methods, to stay fast): the base model scored by the first run only, the probe run's
+    heatmap, and the base score in the report's ``base`` column."""
     from loradrop import training
 
     monkeypatch.setitem(training.DEMO_BUDGETS, "bbc-headlines", training.DemoBudget(
@@ -77,9 +78,10 @@ def test_demo_on_a_generation_task_scores_the_base_model_once(tmp_path, llama_di
         max_new_tokens=2, generation_eval_examples=3))
     scored = []
     original = training._GenerationMetric.score
-    monkeypatch.setattr(training._GenerationMetric, "score", lambda self, model: scored.append(1) or original(self, model))
-    rows = training.run_demo(tmp_path, task="bbc-headlines")
-    assert [r["method"] for r in rows] == list(training.DEMO_METHODS)
+    monkeypatch.setattr(training._GenerationMetric, "score",
+                        lambda self, model: scored.append(1) or original(self, model))
+    rows = training.run_demo(tmp_path, task="bbc-headlines", methods=("lora", "lora-drop"))
+    assert [r["method"] for r in rows] == ["lora", "lora-drop"]
     assert len(scored) == 1 + len(rows)  # the base model once, then each run's one evaluation at its last step
     assert all(r["base_model_scores"] == rows[0]["base_model_scores"] for r in rows)
     assert all((r["steps"], r["best_step"], r["metric_name"]) == (2, 2, "rougeL") for r in rows)
@@ -87,3 +89,16 @@ def test_demo_on_a_generation_task_scores_the_base_model_once(tmp_path, llama_di
     assert table.splitlines()[0].split("|")[-2].strip() == "base" and "majority" not in table
     assert (tmp_path / "report" / "importance_heatmap.png").is_file()
     assert json.loads((tmp_path / "report" / "results.json").read_text()) == rows
+
+
+def test_base_scores_come_from_another_run_without_generating(tmp_path):
+    from loradrop.training import _base_scores
+
+    (tmp_path / "first").mkdir()
+    (tmp_path / "later").mkdir()
+    with pytest.raises(ValueError, match="first has no base_scores.json"):
+        _base_scores(None, None, tmp_path / "later", tmp_path / "first")
+    (tmp_path / "first" / "base_scores.json").write_text('{"metric": 0.25, "rougeL": 0.25}')
+    # gen_metric None: generating would fail, so the scores can only come from the first run
+    assert _base_scores(None, None, tmp_path / "later", tmp_path / "first") == {"metric": 0.25, "rougeL": 0.25}
+    assert json.loads((tmp_path / "later" / "base_scores.json").read_text()) == {"metric": 0.25, "rougeL": 0.25}

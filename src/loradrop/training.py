@@ -413,7 +413,8 @@ def _base_scores(gen_metric: _GenerationMetric, model: Any, out: Path, source: P
         return json.loads(record.read_text())
     if source is not None:
         if not (source / "base_scores.json").is_file():
-            raise ValueError(f"{source} has no base_scores.json: give a generation run directory that scored its base model")
+            raise ValueError(f"{source} has no base_scores.json: give a generation run directory that scored its "
+                             "base model")
         scores = json.loads((source / "base_scores.json").read_text())
     else:
         scores = gen_metric.score(model)
@@ -457,8 +458,8 @@ class DemoBudget:
 
 # rotten-tomatoes: 120 steps of 6,400 critic snippets took 12 min of runs on the 2-core machine.
 # bbc-headlines: a SmolLM2 step of batch 8 (about 80 tokens each) costs ~10 s of one core and answering
-# the 100 validation leads (<= 16 new tokens) ~65 s, so the base score, a one-epoch probe of 64
-# examples and 12 steps per method add up to ~1,000 core-seconds (see benchmarks/results/demo_llm_cpu).
+# the 100 validation leads (<= 16 new tokens) about a minute, so the base score, a one-epoch probe of 64
+# examples and 12 steps per method took 1,250 core-seconds (benchmarks/results/demo_llm_cpu/README.md).
 DEMO_BUDGETS = {
     "rotten-tomatoes": DemoBudget("minilm", steps=120, train_examples=6400, batch_size=32, learning_rate=1e-3,
                                   max_length=48),
@@ -504,7 +505,7 @@ def run_demo(out: Path, task: str = "rotten-tomatoes", steps: int | None = None,
         cfg = demo_config(out, method, seed, task, steps, train_examples)
         results = run(cfg, importance_from=probe_dir, base_scores_from=first_dir)
         if METHODS[method][0] is not None and probe_dir is None:
-            probe_dir = Path(cfg.output_dir)
+            probe_dir = Path(cfg.output_dir)  # the later LoRA-drop variants reuse this probe
         first_dir = first_dir or Path(cfg.output_dir)
         rows.append(results)
     _write_demo_report(out / "report", rows, probe_dir)

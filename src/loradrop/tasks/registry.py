@@ -342,7 +342,8 @@ def load_task(name_or_task: str | Task, seed: int = 0, validation_size: int | fl
     id). Duplicates are removed; the split is stratified and the same for the same ``seed``.
     ``validation_size`` is a count or a fraction; by default 1,000 (rotten-tomatoes), 2,000
     (tweet-sentiment) or 400 (bbc-news) examples. A generation task (``gsm``: 100 problems, 20 held
-    out by default) has columns ``prompt`` and ``response`` instead, split without strata."""
+    out by default; ``bbc-headlines``: 2,057 articles, 100 held out) has columns ``prompt`` and
+    ``response`` instead, split without strata."""
     bundle = _bundle_for(name_or_task)
     if bundle.task.label_kind == "generation":
         return _load_generation(bundle, seed, validation_size)
