@@ -1,5 +1,5 @@
 """How far above its noise is the LLM demo's gain? Generates again, with the demo's greedy settings,
-the headlines of the base model and of each method's adapter on the 100 validation articles of
+the headlines of the base model and of each method's adapter on the validation articles the demo scores of
 bbc-headlines, and writes each method's mean ROUGE-L gain over the base model with its paired
 standard error (per-article differences), the counts of articles that got better / worse, and the
 first eight headlines of each.

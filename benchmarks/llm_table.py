@@ -104,8 +104,7 @@ def summarise(args: argparse.Namespace) -> None:
                 row = {**summary_row(r), "metric": 100 * r["metric"], "base": 100 * r["base_model_scores"]["metric"],
                        "converged": converged(r["eval_history"], std), "best_step": r["best_step"],
                        "last_step": r["eval_history"][-1]["step"]}
-                rows.append({k: v for k, v in row.items() if k != "majority"} |
-                            {f"kept_{t}": f for t, f in sorted(fractions.items())})
+                rows.append(row | {f"kept_{t}": f for t, f in sorted(fractions.items())})
                 full.append(r)
         learning_curves(runs, task, metric, args.out / f"learning_curves_{task}.png")
         importance = json.loads((args.runs / task / f"lora-drop-seed{args.seeds[0]}" / "importance.json").read_text())

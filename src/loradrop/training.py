@@ -464,7 +464,7 @@ DEMO_BUDGETS = {
     "rotten-tomatoes": DemoBudget("minilm", steps=120, train_examples=6400, batch_size=32, learning_rate=1e-3,
                                   max_length=48),
     "bbc-headlines": DemoBudget("smollm2", steps=12, train_examples=640, batch_size=8, learning_rate=2e-3,
-                                max_length=128, probe_epochs=1.0, max_new_tokens=16, generation_eval_examples=100),
+                                max_length=128, probe_epochs=1.0, max_new_tokens=16, generation_eval_examples=60),
 }
 
 
