@@ -9,8 +9,9 @@ from loradrop import ImportanceProbe, LoraDropConfig, evaluate_importance, find_
 from loradrop.sites import add_lora, lora_layers
 
 
-def reference_g(model, batch, use_mask=True):
-    """||scaling * B A x||^2 from the LoRA weights and the inputs each site saw, in float64."""
+def reference_g(model, batch, use_mask=True, counted=None):
+    """||scaling * B A x||^2 from the LoRA weights and the inputs each site saw, in float64, over the
+    tokens of ``counted`` (default: the attention mask's)."""
     inputs = {}
     layers = lora_layers(model)
     handles = [layer.register_forward_pre_hook(lambda m, a, name=name: inputs.__setitem__(name, a[0].detach()))
@@ -19,7 +20,7 @@ def reference_g(model, batch, use_mask=True):
         model(**batch)
     for h in handles:
         h.remove()
-    mask = batch["attention_mask"].double()
+    mask = (batch["attention_mask"] if counted is None else counted).double()
     g = {}
     for site in find_sites(model):
         layer = layers[site.name]
@@ -143,6 +144,32 @@ def test_recorded_example_norms_add_up_to_g(lora_bert):
     first = reference_g(lora_bert, {k: v[:1] for k, v in batch.items()})
     site = next(iter(norms))
     assert norms[site][0].item() == pytest.approx(first[site.module_type][site.layer], rel=1e-5)
+
+def test_response_tokens_only_counts_the_tokens_the_loss_is_on():
+    model = add_lora(tiny_llama(), LoraDropConfig(target_modules=["q_proj", "down_proj"], r=4, lora_alpha=12))
+    randomize_lora(model)
+    model.eval()
+    batch = padded_batch(with_labels="lm")
+    batch["labels"][:, :3] = -100  # a 3-token prompt; padding is -100 already
+    with ImportanceProbe(model, tokens="response") as probe, torch.no_grad():
+        model(**batch)
+    g, _ = probe.scores()
+    expected = reference_g(model, batch, counted=batch["labels"] != -100)
+    everything = reference_g(model, batch)
+    for t in g:
+        for layer in g[t]:
+            assert g[t][layer] == pytest.approx(expected[t][layer], rel=1e-5)
+            assert expected[t][layer] < everything[t][layer]  # the prompt's tokens are left out
+
+
+def test_response_tokens_need_token_labels(lora_bert):
+    with ImportanceProbe(lora_bert, tokens="response"), pytest.raises(ValueError, match="no token labels"):
+        lora_bert(**padded_batch())
+    with pytest.raises(ValueError, match="tokens='outputs' is invalid"):
+        ImportanceProbe(lora_bert, tokens="outputs")
+    with pytest.raises(ValueError, match="probe_tokens='outputs' is invalid"):
+        LoraDropConfig(probe_tokens="outputs")
+
 
 # -- case 7b: the probe's padding mask ------------------------------------------------------------------
 def probe_g(model, calls):

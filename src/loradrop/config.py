@@ -10,6 +10,7 @@ import math
 from dataclasses import Field, asdict, dataclass, field, fields, replace
 from typing import Any
 
+PROBE_TOKENS = ("input", "response")
 STRATEGIES = ("importance", "inverse", "inverse_share", "random", "top_k", "no_share")
 GRANULARITIES = ("token", "sample", "step")
 
@@ -98,6 +99,9 @@ class LoraDropConfig:
     probe_max_steps: int | None = field(default=None, metadata=_help("cap on probe optimizer steps"))
     probe_batch_size: int = field(default=16, metadata=_help("probe batch size per process"))
     probe_lr: float = field(default=1e-3, metadata=_help("probe learning rate"))
+    probe_tokens: str = field(default="input", metadata=_help(
+        "tokens whose LoRA output the probe sums: 'input' (every non-padding token, the paper) or 'response' "
+        "(a causal LM's response tokens only, labels != -100)"))
     strategy: str = field(default="importance", metadata=_help(
         f"selection rule: {', '.join(STRATEGIES)}", cli=False))
     seed: int = field(default=0, metadata=_help("random seed (sample, probe, LoRA init, data order, masks)"))
@@ -128,6 +132,8 @@ class LoraDropConfig:
         _check_number("lora_alpha", self.lora_alpha, 0.0, math.inf, lo_open=True, hi_open=True)
         _check_number("lora_dropout", self.lora_dropout, 0.0, 1.0, lo_open=False, hi_open=True)
         _check_number("threshold", self.threshold, 0.0, 1.0, lo_open=True, hi_open=False)
+        if self.probe_tokens not in PROBE_TOKENS:
+            _fail("probe_tokens", self.probe_tokens, f"must be one of {', '.join(PROBE_TOKENS)}")
         _check_number("sample_ratio", self.sample_ratio, 0.0, 1.0, lo_open=True, hi_open=False)
         _check_number("probe_epochs", self.probe_epochs, 0.0, math.inf, lo_open=True, hi_open=True)
         if self.probe_max_steps is not None:

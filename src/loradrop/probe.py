@@ -5,7 +5,8 @@ branch output (PEFT's scaling included), padding excluded: the forward's ``atten
 keyword or position) masks the input tokens; at decoder sites of an encoder-decoder model the
 ``decoder_attention_mask`` (else ``labels != -100``) does, and cross-attention keys and values use the
 encoder's mask. A forward without a mask counts every token; a mask whose shape does not fit a site's
-tokens is an error. Each site's ``observer`` slot (``layer.LoraDropLinear``) is given the hidden
+tokens is an error. ``tokens="response"`` counts a causal LM's response tokens only (``labels != -100``:
+the tokens its loss is on) instead of every non-padding token. Each site's ``observer`` slot (``layer.LoraDropLinear``) is given the hidden
 h = A x (r values per token) on either forward path, and the probe computes
 ||s B h||^2 = s^2 h^T (B^T B) h: r-wide work per token, never a copy of the d_out-wide output. The sums
 stay on the device in float64 until ``scores()``, so the probe never syncs with the host. The observer
@@ -32,7 +33,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm.auto import tqdm
 
-from .config import LoraDropConfig
+from .config import PROBE_TOKENS, LoraDropConfig
 from .selection import Importance, Plan, select
 from .sites import Site, add_lora, find_sites, lora_layers, sites_by_type
 from .tasks.sampling import stratified_sample
@@ -78,10 +79,14 @@ class ImportanceProbe:
     paper's Figure 2).
     """
 
-    def __init__(self, model: nn.Module, adapter_name: str = "default", record_examples: bool = False):
+    def __init__(self, model: nn.Module, adapter_name: str = "default", record_examples: bool = False,
+                 tokens: str = "input"):
+        if tokens not in PROBE_TOKENS:
+            raise ValueError(f"tokens={tokens!r} is invalid: must be one of {', '.join(PROBE_TOKENS)}")
         self.model = model
         self.adapter_name = adapter_name
         self.record_examples = record_examples
+        self.tokens = tokens
         self.sites = find_sites(model)
         self._layers = lora_layers(model)
         self._handle: torch.utils.hooks.RemovableHandle | None = None
@@ -101,10 +106,14 @@ class ImportanceProbe:
         -- or, without it, the positions whose ``labels`` are not -100, which is what the decoder's
         input is shifted from when ``decoder_input_ids`` are not given."""
         inputs = _named_inputs(module, args, kwargs)
-        mask = inputs.get("attention_mask")
+        mask, labels = inputs.get("attention_mask"), inputs.get("labels")
+        if self.tokens == "response":
+            if not isinstance(labels, torch.Tensor) or labels.dim() != 2:
+                raise ValueError("probe_tokens='response' counts the tokens whose labels are not -100, but this batch "
+                                 "has no token labels: give the probe a causal LM's tokenized data, or use 'input'")
+            mask = labels != -100
         self._mask = mask.float() if isinstance(mask, torch.Tensor) else None
         decoder = inputs.get("decoder_attention_mask")
-        labels = inputs.get("labels")
         if (decoder is None and inputs.get("decoder_input_ids") is None and isinstance(labels, torch.Tensor)
                 and labels.dim() == 2):
             decoder = labels != -100
@@ -328,7 +337,7 @@ def _probe_measure(model: nn.Module, sample: Any, collate_fn: Callable | None, c
                    show_progress: bool, record_examples: bool) -> ImportanceProbe:
     device = _device_of(model)
     model.eval()
-    with ImportanceProbe(model, cfg.adapter_name, record_examples) as probe:
+    with ImportanceProbe(model, cfg.adapter_name, record_examples, cfg.probe_tokens) as probe:
         loader = _measure_loader(sample, cfg, collate_fn)
         for batch in tqdm(loader, desc="probe: measuring ||dW x||^2", disable=not show_progress):
             model(**_to_device(batch, device))
