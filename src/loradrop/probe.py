@@ -6,8 +6,9 @@ keyword or position) masks the input tokens; at decoder sites of an encoder-deco
 ``decoder_attention_mask`` (else ``labels != -100``) does, and cross-attention keys and values use the
 encoder's mask. A forward without a mask counts every token; a mask whose shape does not fit a site's
 tokens is an error. ``tokens="response"`` counts a causal LM's response tokens only (``labels != -100``:
-the tokens its loss is on) instead of every non-padding token. Each site's ``observer`` slot (``layer.LoraDropLinear``) is given the hidden
-h = A x (r values per token) on either forward path, and the probe computes
+the tokens its loss is on) instead of every non-padding token. Each site's ``observer`` slot
+(``layer.LoraDropLinear``) is given the hidden h = A x (r values per token) on either forward path,
+and the probe computes
 ||s B h||^2 = s^2 h^T (B^T B) h: r-wide work per token, never a copy of the d_out-wide output. The sums
 stay on the device in float64 until ``scores()``, so the probe never syncs with the host. The observer
 belongs to the site, so a shared LoRA is booked per site.
