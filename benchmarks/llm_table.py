@@ -11,7 +11,10 @@ parallel worker processes (one GPU holds them all); the summary goes to --out:
 - ``learning_curves_<task>.png``: every run's metric at every evaluation;
 - ``importance_<task>.png``: the probe's importance per layer and module type (seed 0).
 
-    python benchmarks/llm_table.py --out results/llm_table --runs /tmp/llm-runs --workers 12
+    python benchmarks/llm_table.py --out results/llm_table --runs /tmp/llm-runs --workers 12 --tasks bbc-headlines
+
+``llm_studies.py`` runs a task's table runs together with its studies; ``--summary-only`` summarises
+finished runs (``--runs`` with one folder per task).
 """
 
 from __future__ import annotations
@@ -29,15 +32,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from reproduce import run_group  # noqa: E402
 
 METHODS = ["lora", "lora-drop", "droplora", "lora-drop+droplora"]
-# per task: epochs, evaluation interval, generation cap (a headline is ~10 tokens, a GSM solution ~150)
-TASKS = {"bbc-headlines": dict(epochs=4.0, eval_steps=40, max_new_tokens=32, generation_eval_examples=200),
-         "gsm": dict(epochs=20.0, eval_steps=20, max_new_tokens=320, generation_eval_examples=20)}
+# per task: the training budget, evaluation interval and generation cap (a headline is ~10 tokens, a GSM
+# solution ~150, a review's answer one word); review-sentiment trains on 4,000 of its 11,751 snippets
+TASKS = {"bbc-headlines": dict(epochs=4.0, eval_steps=40, max_new_tokens=32, generation_eval_examples=200,
+                               batch_size=16, learning_rate=2e-4),
+         "gsm": dict(epochs=20.0, eval_steps=20, max_new_tokens=320, generation_eval_examples=20,
+                     batch_size=16, learning_rate=2e-4),
+         "review-sentiment": dict(epochs=2.0, eval_steps=25, max_new_tokens=4, generation_eval_examples=400,
+                                  batch_size=32, learning_rate=3e-4, max_train_examples=4000)}
 
 
 def options(args: argparse.Namespace, task: str) -> dict:
-    return dict(model=args.model, task=task, dtype="bfloat16", r=64, lora_alpha=128, lora_dropout=0.05,
-                rank_dropout=0.5, batch_size=args.batch_size, learning_rate=args.learning_rate,
-                max_length=args.max_length, max_steps=args.max_steps, show_progress=False, **TASKS[task])
+    settings = dict(dtype="bfloat16", **TASKS[task])
+    if args.max_steps:  # a smoke test, in float32: bf16 matmuls crawl on a CPU
+        settings |= dict(max_steps=args.max_steps, eval_steps=1, max_train_examples=64, generation_eval_examples=8,
+                         dtype="float32")
+    return dict(model=args.model, task=task, r=64, lora_alpha=128, lora_dropout=0.05, rank_dropout=0.5,
+                max_length=args.max_length, show_progress=False, **settings)
 
 
 def plan_jobs(args: argparse.Namespace) -> list[list[dict]]:
@@ -64,23 +75,23 @@ def converged(history: list[dict], seed_std: float) -> bool:
     return best_not_last or flat
 
 
-def learning_curves(runs: dict[str, list[dict]], task: str, metric: str, path: Path) -> None:
+def learning_curves(runs: dict[str, list[dict]], title: str, metric: str, path: Path) -> None:
+    """Every run's metric at every evaluation, one colour per label of ``runs``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    colours = dict(zip(METHODS, ("tab:blue", "tab:orange", "tab:green", "tab:red")))
-    for method in METHODS:
-        for i, result in enumerate(runs[method]):
+    for (label, results), colour in zip(runs.items(), plt.get_cmap("tab10").colors):
+        for i, result in enumerate(results):
             steps = [e["step"] for e in result["eval_history"]]
-            ax.plot(steps, [100 * e["metric"] for e in result["eval_history"]], color=colours[method], alpha=0.8,
-                    label=method if i == 0 else None)
+            ax.plot(steps, [100 * e["metric"] for e in result["eval_history"]], color=colour, alpha=0.8,
+                    label=label if i == 0 else None)
     ax.set_xlabel("step")
     ax.set_ylabel(f"{metric} (validation, %)")
-    ax.set_title(f"SmolLM2-135M-Instruct on {task}: every run's evaluations")
-    ax.legend()
+    ax.set_title(title)
+    ax.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -97,27 +108,34 @@ def summarise(args: argparse.Namespace) -> None:
         missing += [str(f.parent) for fs in files.values() for f in fs if not f.is_file()]  # cut off by a time limit
         runs = {m: [json.loads(f.read_text()) for f in fs if f.is_file()] for m, fs in files.items()}
         metric = runs["lora"][0]["metric_name"]
+        lora = {r["seed"]: 100 * r["metric"] for r in runs["lora"]}  # the seed draws the split: compare in pairs
         for method, results in runs.items():
             std = statistics.stdev([r["metric"] for r in results]) if len(results) > 1 else 0.0
             for r in results:
                 fractions = {t: len(r["plan"]["retained"][t]) / len(r["plan"]["layers"][t]) for t in r["plan"]["layers"]}
-                row = {**summary_row(r), "metric": 100 * r["metric"], "base": 100 * r["base_model_scores"]["metric"],
+                row = {**summary_row(r), "metric": 100 * r["metric"], "vs_lora": 100 * r["metric"] - lora[r["seed"]],
+                       "base": 100 * r["base_model_scores"]["metric"],
                        "converged": converged(r["eval_history"], std), "best_step": r["best_step"],
                        "last_step": r["eval_history"][-1]["step"]}
                 rows.append(row | {f"kept_{t}": f for t, f in sorted(fractions.items())})
                 full.append(r)
-        learning_curves(runs, task, metric, args.out / f"learning_curves_{task}.png")
+        learning_curves(runs, f"SmolLM2-135M-Instruct on {task}: every run's evaluations", metric,
+                        args.out / f"learning_curves_{task}.png")
         importance = json.loads((args.runs / task / f"lora-drop-seed{args.seeds[0]}" / "importance.json").read_text())
         importance_heatmap({t: {int(k): v for k, v in s.items()} for t, s in importance["importance"].items()},
                            args.out / f"importance_{task}.png", title=f"{task}: LoRA importance I / max I, seed 0")
-    value_keys = ("metric", "base", "lora_params", "adapter_bytes") + tuple(sorted(k for k in rows[0] if k.startswith("kept_")))
+    value_keys = ("metric", "vs_lora", "base", "lora_params", "adapter_bytes") + tuple(sorted(k for k in rows[0] if k.startswith("kept_")))
     table = aggregate_runs(rows, group_by=("task", "method"), value_keys=value_keys)
     for row in table:
         mine = [r for r in rows if r["task"] == row["task"] and r["method"] == row["method"]]
         row["converged"] = f"{sum(r['converged'] for r in mine)}/{len(mine)}"
-    text += [f"Seeds {args.seeds}; r = 64, alpha = 128 on q, k, v, o, up, down; lr {args.learning_rate}, batch "
-             f"{args.batch_size}, bf16 base; DropLoRA p = 0.5 (token masks), lora_dropout 0.05; metric in %, "
-             "mean ± std over seeds (`n` runs); `base` is the model before fine-tuning.", "",
+    budgets = "; ".join(f"{t}: lr {TASKS[t]['learning_rate']}, batch {TASKS[t]['batch_size']}, {TASKS[t]['epochs']:g} epochs"
+                        + (f" of {TASKS[t]['max_train_examples']:,} examples" if "max_train_examples" in TASKS[t] else "")
+                        for t in args.tasks)
+    text += [f"Seeds {args.seeds}; r = 64, alpha = 128 on q, k, v, o, up, down; bf16 base; DropLoRA p = 0.5 (token "
+             f"masks), lora_dropout 0.05; {budgets}; metric in %, mean ± std over seeds (`n` runs); `vs_lora`: minus "
+             "LoRA's metric of the same seed, which also draws the validation split; `base` is the model before "
+             "fine-tuning.", "",
              *([f"Not finished (left out): {', '.join(missing)}", ""] if missing else []), results_table(table), "",
              "## Every run", "", results_table(rows), ""]
     (args.out / "llm_table.md").write_text("\n".join(text))
@@ -126,31 +144,40 @@ def summarise(args: argparse.Namespace) -> None:
     print("\n".join(text))
 
 
-def main() -> None:
+def arguments(workers: int) -> argparse.ArgumentParser:
+    """The options this script and ``llm_studies.py`` share."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--runs", type=Path, required=True)
     parser.add_argument("--model", default="smollm2")
-    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--learning-rate", type=float, default=2e-4)
     parser.add_argument("--max-length", type=int, default=512)
-    parser.add_argument("--max-steps", type=int, help="cap every run's steps (a smoke test)")
-    parser.add_argument("--workers", type=int, default=12)
+    parser.add_argument("--max-steps", type=int, help="a smoke test: this many steps on 64 examples, 8 evaluated")
+    parser.add_argument("--workers", type=int, default=workers)
     parser.add_argument("--summary-only", action="store_true")
+    return parser
+
+
+def main() -> None:
+    parser = arguments(workers=12)
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if not args.summary_only:
-        from loradrop.models import load_causal_lm
-
-        load_causal_lm(args.model)  # a bundled model is converted once, before the workers start
-        start = time.time()
-        with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            for future in [pool.submit(run_group, g) for g in plan_jobs(args)]:
-                for d in future.result():
-                    print(f"done {d} ({time.time() - start:.0f} s)", flush=True)
+        run_groups(args.model, plan_jobs(args), args.workers)
     summarise(args)
+
+
+def run_groups(model: str, groups: list[list[dict]], workers: int) -> None:
+    """Runs job groups (``reproduce.run_group``) in parallel worker processes on the one GPU."""
+    from loradrop.models import load_causal_lm
+
+    load_causal_lm(model)  # a bundled model is converted once, before the workers start
+    start = time.time()
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for future in [pool.submit(run_group, g) for g in groups]:
+            for d in future.result():
+                print(f"done {d} ({time.time() - start:.0f} s)", flush=True)
 
 
 if __name__ == "__main__":

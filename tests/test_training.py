@@ -137,3 +137,23 @@ def test_demo_budgets(tmp_path):
     assert (llm.lora.probe_epochs, llm.lora.probe_batch_size, llm.lora.seed) == (1.0, 8, 1)
     with pytest.raises(ValueError, match="no budget for task 'tweet-sentiment'"):
         demo_config(tmp_path, "lora", seed=0, task="tweet-sentiment")
+
+
+def test_checkpointing_args_take_the_name_this_transformers_knows(tmp_path, monkeypatch):
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, **training._checkpointing_args(True))
+    prefix = "activation" if hasattr(args, "activation_checkpointing") else "gradient"
+    assert getattr(args, f"{prefix}_checkpointing") is True
+    assert getattr(args, f"{prefix}_checkpointing_kwargs") == {"use_reentrant": False}
+
+    @dataclasses.dataclass
+    class Before524:  # transformers 5.17's TrainingArguments knows only the old name
+        gradient_checkpointing: bool = False
+        gradient_checkpointing_kwargs: dict | None = None
+
+    monkeypatch.setattr(training, "TrainingArguments", Before524)
+    assert training._checkpointing_args(False) == {"gradient_checkpointing": False,
+                                                   "gradient_checkpointing_kwargs": {"use_reentrant": False}}

