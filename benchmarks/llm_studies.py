@@ -10,7 +10,8 @@ reuse: LoRA, the lora-drop probe, DropLoRA at p = 0.5 with token masks. Everythi
   importance (lora-drop), top-k (the k last layers), random, inverse (the k least important keep their
   own LoRA), inverse-share (the k most important share one, the others keep theirs) and no-share
   (lora-drop's kept layers, no LoRA elsewhere);
-- ``table3``: each LoRA run evaluated with only the k most / k least important layers' LoRA kept.
+- ``table3``: each LoRA run evaluated with only the k most / k least important layers' LoRA kept, at
+  k = 3, 5, 10, 15 for every module type and at LoRA-drop's own k per type (the paper's setting).
 
 Writes to --out ``knobs.md/json/png``, ``ablations.md/json``, ``table3.md/json/png`` and learning curves:
 
@@ -29,6 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import llm_table  # noqa: E402
+from reproduce import converged, learning_curves  # noqa: E402
 
 KNOBS = [(0.1, "token"), (0.3, "token"), (0.5, "token"), (0.7, "token"), (0.5, "sample"), (0.5, "step")]
 ABLATIONS = ["lora-drop", "top-k", "random", "inverse", "inverse-share", "no-share"]
@@ -56,10 +58,10 @@ def plan_jobs(args: argparse.Namespace) -> list[list[dict]]:
     return groups
 
 
-def run_table3(run: Path, importance: Path) -> dict:
+def run_table3(run: Path, lora_drop_run: Path) -> dict:
     import table3
 
-    return table3.table3(run, importance, TABLE3_COUNTS)
+    return table3.table3(run, lora_drop_run / "importance.json", TABLE3_COUNTS, table3.plan_counts(lora_drop_run))
 
 
 def load(path: Path) -> dict | None:
@@ -83,7 +85,7 @@ def study_rows(args: argparse.Namespace, dirs: dict[str, list[Path]]) -> tuple[l
         for r in results:
             rows.append({"setting": label, **summary_row(r), "metric": 100 * r["metric"],
                          "vs_lora": 100 * r["metric"] - lora[r["seed"]], "base": 100 * r["base_model_scores"]["metric"],
-                         "converged": llm_table.converged(r["eval_history"], std), "best_step": r["best_step"],
+                         "converged": converged(r["eval_history"], std), "best_step": r["best_step"],
                          "last_step": r["eval_history"][-1]["step"]})
     return rows, runs, missing
 
@@ -113,7 +115,7 @@ def summarise_knobs(args: argparse.Namespace) -> None:
     (args.out / "knobs.md").write_text(text)
     write_json({"table": table, "rows": rows, "missing": missing}, args.out / "knobs.json")
     plot_knobs(table, args.out / "knobs.png", args.task)
-    llm_table.learning_curves(runs, f"{args.task}: DropLoRA's knobs, every run", runs["lora"][0]["metric_name"],
+    learning_curves(runs, f"{args.task}: DropLoRA's knobs, every run", runs["lora"][0]["metric_name"],
                               args.out / "learning_curves_knobs.png")
     print(text)
 
@@ -167,7 +169,7 @@ def summarise_ablations(args: argparse.Namespace) -> None:
     text, table = table_text("LoRA-drop's ablations (Table 5)", notes, rows, ("metric", "vs_lora", "lora_params"), missing)
     (args.out / "ablations.md").write_text(text)
     write_json({"table": table, "rows": rows, "missing": missing}, args.out / "ablations.json")
-    llm_table.learning_curves(runs, f"{args.task}: selection strategies, every run", runs["lora"][0]["metric_name"],
+    learning_curves(runs, f"{args.task}: selection strategies, every run", runs["lora"][0]["metric_name"],
                               args.out / "learning_curves_ablations.png")
     print(text)
 
@@ -184,8 +186,10 @@ def summarise_table3(args: argparse.Namespace, records: list[dict]) -> None:
     text = ["# LoRA-drop's Table 3: the LoRA of the most vs the least important layers", "",
             f"Each finished LoRA run of {args.task} (seeds {[r['seed'] for r in records]}) evaluated with only the k "
             "most or k least important layers' LoRA of each module type kept (importance: the lora-drop probe of the "
-            "same seed), the others' lora_B zeroed; `all` is the trained model re-evaluated from its saved adapter, "
-            "`none` the base; `most − least` is the paired difference per seed. Metric in %, mean ± std over seeds.", "", results_table(table), ""]
+            "same seed), the others' lora_B zeroed; k `lora-drop` keeps as many per type as LoRA-drop did (where the "
+            "run recorded it); `all` is the trained model re-evaluated from its saved adapter, `none` the base; "
+            "`most − least` is the paired difference per seed. Metric in %, mean ± std over seeds.", "",
+            results_table(table), ""]
     (args.out / "table3.md").write_text("\n".join(text))
     write_json({"table": table, "records": records}, args.out / "table3.json")
     plot_table3(table, args.out / "table3.png", args.task)
@@ -200,7 +204,7 @@ def plot_table3(table: list[dict], path: Path, task: str) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for kept in ("most important", "least important"):  # the paired difference is in the table
-        mine = sorted((r for r in table if r["kept"] == kept), key=lambda r: r["k"])
+        mine = sorted((r for r in table if r["kept"] == kept and isinstance(r["k"], int)), key=lambda r: r["k"])
         ax.errorbar([r["k"] for r in mine], [r["metric"] for r in mine], [r["metric_std"] for r in mine], marker="o",
                     capsize=3, label=f"{kept} k layers kept")
     for kept, style in (("all", "--"), ("none", ":")):
@@ -220,8 +224,7 @@ def main() -> None:
     if not args.summary_only:
         args.tasks = [args.task]
         llm_table.run_groups(args.model, llm_table.plan_jobs(args) + plan_jobs(args), args.workers)
-        pairs = [(args.runs / args.task / f"lora-seed{s}", args.runs / args.task / f"lora-drop-seed{s}" / "importance.json")
-                 for s in args.seeds]
+        pairs = [(args.runs / args.task / f"lora-seed{s}", args.runs / args.task / f"lora-drop-seed{s}") for s in args.seeds]
         with ProcessPoolExecutor(len(pairs), mp_context=multiprocessing.get_context("spawn")) as pool:
             records = list(pool.map(run_table3, *zip(*pairs)))
         write_json(records, table3_file)

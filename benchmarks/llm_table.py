@@ -29,7 +29,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from reproduce import run_group  # noqa: E402
+from reproduce import converged, learning_curves, run_group  # noqa: E402
 
 METHODS = ["lora", "lora-drop", "droplora", "lora-drop+droplora"]
 # per task: the training budget, evaluation interval and generation cap (a headline is ~10 tokens, a GSM
@@ -64,37 +64,6 @@ def plan_jobs(args: argparse.Namespace) -> list[list[dict]]:
                                         "output_dir": str(args.runs / task / f"{method}-seed{seed}")}}]
                            for method in ("lora", "droplora")])
     return groups
-
-
-def converged(history: list[dict], seed_std: float) -> bool:
-    """The issue's rule: the best evaluation is not the last one, or the last two evaluations differ
-    by less than the seed standard deviation."""
-    metrics = [e["metric"] for e in history]
-    best_not_last = metrics.index(max(metrics)) < len(metrics) - 1
-    flat = len(metrics) >= 2 and abs(metrics[-1] - metrics[-2]) < seed_std
-    return best_not_last or flat
-
-
-def learning_curves(runs: dict[str, list[dict]], title: str, metric: str, path: Path) -> None:
-    """Every run's metric at every evaluation, one colour per label of ``runs``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for (label, results), colour in zip(runs.items(), plt.get_cmap("tab10").colors):
-        for i, result in enumerate(results):
-            steps = [e["step"] for e in result["eval_history"]]
-            ax.plot(steps, [100 * e["metric"] for e in result["eval_history"]], color=colour, alpha=0.8,
-                    label=label if i == 0 else None)
-    ax.set_xlabel("step")
-    ax.set_ylabel(f"{metric} (validation, %)")
-    ax.set_title(title)
-    ax.legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def summarise(args: argparse.Namespace) -> None:

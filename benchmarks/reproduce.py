@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import statistics
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -29,7 +30,7 @@ RATIOS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
 
 def base_options(args: argparse.Namespace) -> dict:
     return dict(model=args.model, max_train_examples=args.max_train_examples, epochs=args.epochs,
-                batch_size=32, learning_rate=1e-3, max_length=128, show_progress=False)
+                eval_steps=args.eval_steps, batch_size=32, learning_rate=1e-3, max_length=128, show_progress=False)
 
 
 def run_group(jobs: list[dict]) -> list[str]:
@@ -89,6 +90,37 @@ def wait_for(path: Path, timeout: float = 900) -> None:
         time.sleep(2)
 
 
+def converged(history: list[dict], seed_std: float) -> bool:
+    """The issue's rule: the best evaluation is not the last one, or the last two evaluations differ
+    by less than the seed standard deviation."""
+    metrics = [e["metric"] for e in history]
+    best_not_last = metrics.index(max(metrics)) < len(metrics) - 1
+    flat = len(metrics) >= 2 and abs(metrics[-1] - metrics[-2]) < seed_std
+    return best_not_last or flat
+
+
+def learning_curves(runs: dict[str, list[dict]], title: str, metric: str, path: Path) -> None:
+    """Every run's metric at every evaluation, one colour per label of ``runs``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for (label, results), colour in zip(runs.items(), plt.get_cmap("tab10").colors):
+        for i, result in enumerate(results):
+            steps = [e["step"] for e in result["eval_history"]]
+            ax.plot(steps, [100 * e["metric"] for e in result["eval_history"]], color=colour, alpha=0.8,
+                    label=label if i == 0 else None)
+    ax.set_xlabel("step")
+    ax.set_ylabel(f"{metric} (validation, %)")
+    ax.set_title(title)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def summarise(args: argparse.Namespace) -> None:
     from scipy.stats import spearmanr
 
@@ -100,12 +132,21 @@ def summarise(args: argparse.Namespace) -> None:
 
     rows, full = [], []
     for task in args.tasks:
-        for seed in args.seeds:
-            for method in METHODS:
-                r = results(args.runs / task / f"{method}-seed{seed}")
+        runs = {m: [results(args.runs / task / f"{m}-seed{s}") for s in args.seeds] for m in METHODS}
+        lora = {r["seed"]: 100 * r["metric"] for r in runs["lora"]}  # the seed draws the split: compare in pairs
+        for method, mine in runs.items():
+            std = statistics.stdev([r["metric"] for r in mine]) if len(mine) > 1 else 0.0
+            for r in mine:
                 full.append(r)
-                rows.append({**summary_row(r), "metric": 100 * r["metric"], "majority": 100 * r["majority_baseline"]})
-    main = aggregate_runs(rows, group_by=("task", "method"), value_keys=("metric", "lora_params", "adapter_bytes"))
+                rows.append({**summary_row(r), "metric": 100 * r["metric"], "vs_lora": 100 * r["metric"] - lora[r["seed"]],
+                             "majority": 100 * r["majority_baseline"], "converged": converged(r["eval_history"], std),
+                             "best_step": r["best_step"], "last_step": r["eval_history"][-1]["step"]})
+        learning_curves(runs, f"{args.model} on {task}: every run's evaluations", "accuracy",
+                        args.out / f"learning_curves_{task}.png")
+    main = aggregate_runs(rows, group_by=("task", "method"), value_keys=("metric", "vs_lora", "lora_params", "adapter_bytes"))
+    for row in main:
+        mine = [r for r in rows if r["task"] == row["task"] and r["method"] == row["method"]]
+        row["converged"] = f"{sum(r['converged'] for r in mine)}/{len(mine)}"
     sweep = []
     task = args.tasks[0]
     for seed in args.seeds:
@@ -136,8 +177,11 @@ def summarise(args: argparse.Namespace) -> None:
     importance_heatmap(per_task, args.out / "importance_by_task.png", title="LoRA importance I / max I, seed 0")
     text = ["# Reproduction on the bundled model", "",
             f"Model: {args.model}; {args.epochs} epochs on at most {args.max_train_examples} training examples, "
-            f"batch 32, lr 1e-3, r = 8 on query/value, 128 tokens; seeds {args.seeds}. Metric: validation accuracy (%), "
-            "mean ± std over seeds.", "", "## Methods", "", results_table(main), "",
+            f"batch 32, lr 1e-3, r = 8 on query/value, 128 tokens, evaluated "
+            f"{f'every {args.eval_steps} steps' if args.eval_steps else 'once per epoch'}; seeds {args.seeds}. Metric: validation accuracy (%), mean ± std over seeds; `vs_lora`: minus "
+            "LoRA's accuracy of the same seed (which also draws the split); `converged`: runs whose best evaluation "
+            "is not their last or whose last two differ by less than the seed std.", "", "## Methods", "",
+            results_table(main), "", "## Every run", "", results_table(rows), "",
             "## Threshold sweep (" + args.tasks[0] + ")", "", results_table(sweep_table), "",
             "## Importance stability across sample ratios (" + args.tasks[0] + ", seed 0, "
             f"{args.ratio_probe_steps} probe steps each)", "", results_table(stability), ""]
@@ -156,6 +200,8 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--epochs", type=float, default=3.0)
     parser.add_argument("--max-train-examples", type=int, default=8000)
+    parser.add_argument("--eval-steps", type=int, help="evaluate every N steps (default: each epoch); the "
+                        "learning curves and the convergence rule need several evaluations")
     parser.add_argument("--ratio-probe-steps", type=int, default=150)
     parser.add_argument("--workers", type=int, default=16)
     parser.add_argument("--summary-only", action="store_true")

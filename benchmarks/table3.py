@@ -4,10 +4,12 @@ After full LoRA training (a finished ``--method lora`` run), evaluate the model 
 the k most important layers of each module type kept and the others' LoRA zeroed, against only the k
 least important layers' kept, at equal k. If importance (the probe of a ``lora-drop`` run of the same
 task and seed) says which layers' LoRA matters, keeping the important ones must score higher. Rows for
-all layers kept (the trained model) and none (the base model) bound the range.
+all layers kept (the trained model) and none (the base model) bound the range. ``--plan-from`` adds the
+paper's own setting: per module type as many layers as that LoRA-drop run kept.
 
     python benchmarks/table3.py --run runs/bbc-headlines/lora-seed0 \\
-        --importance runs/bbc-headlines/lora-drop-seed0/importance.json --counts 1 3 5 10 --out results/table3
+        --importance runs/bbc-headlines/lora-drop-seed0/importance.json --counts 1 3 5 10 \\
+        --plan-from runs/bbc-headlines/lora-drop-seed0 --out results/table3
 """
 
 from __future__ import annotations
@@ -68,8 +70,10 @@ def restore(model, saved: dict) -> None:
             layers[name].lora_B["default"].weight.copy_(weight)
 
 
-def table3(run: Path, importance_file: Path, counts: list[int]) -> dict:
-    """The metric with all, none, the k most and the k least important layers' LoRA kept, per k."""
+def table3(run: Path, importance_file: Path, counts: list[int], plan_counts: dict[str, int] | None = None) -> dict:
+    """The metric with all, none, the k most and the k least important layers' LoRA kept, per k; with
+    ``plan_counts`` also at a k per module type (LoRA-drop's own counts: the paper's setting), as k
+    ``"lora-drop"``."""
     cfg = RunConfig.from_dict(json.loads((run / "run_config.json").read_text()))
     if cfg.method != "lora":
         raise SystemExit(f"{run} is a {cfg.method!r} run: Table 3 starts from full LoRA training (--method lora)")
@@ -82,9 +86,10 @@ def table3(run: Path, importance_file: Path, counts: list[int]) -> dict:
     saved = keep_only(model, {t: set() for t in ranked})
     rows.append({"kept": "none", "k": 0, "metric": score(model, cfg, task, data, tokenizer, tokenized)})
     restore(model, saved)
-    for k in counts:
-        for kept, layers in (("most important", {t: set(r[:k]) for t, r in ranked.items()}),
-                             ("least important", {t: set(r[-k:]) for t, r in ranked.items()})):
+    per_type = [(k, {t: k for t in ranked}) for k in counts] + ([("lora-drop", plan_counts)] if plan_counts else [])
+    for k, n in per_type:
+        for kept, layers in (("most important", {t: set(r[:n[t]]) for t, r in ranked.items()}),
+                             ("least important", {t: set(r[len(r) - n[t]:]) for t, r in ranked.items()})):
             saved = keep_only(model, layers)
             rows.append({"kept": kept, "k": k, "metric": score(model, cfg, task, data, tokenizer, tokenized)})
             restore(model, saved)
@@ -92,14 +97,21 @@ def table3(run: Path, importance_file: Path, counts: list[int]) -> dict:
             "seed": cfg.seed, "rows": rows}
 
 
+def plan_counts(lora_drop_run: Path) -> dict[str, int]:
+    """How many layers per module type a finished LoRA-drop run kept its own LoRA for."""
+    plan = json.loads((lora_drop_run / "results.json").read_text())["plan"]
+    return {t: len(layers) for t, layers in plan["retained"].items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--run", type=Path, required=True, help="a finished lora run (every site its own LoRA)")
     parser.add_argument("--importance", type=Path, required=True, help="importance.json of the same task and seed")
     parser.add_argument("--counts", type=int, nargs="+", required=True, help="k: layers kept per module type")
+    parser.add_argument("--plan-from", type=Path, help="a finished lora-drop run: also keep its number of layers per type")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    record = table3(args.run, args.importance, args.counts)
+    record = table3(args.run, args.importance, args.counts, plan_counts(args.plan_from) if args.plan_from else None)
     args.out.mkdir(parents=True, exist_ok=True)
     write_json(record, args.out / f"table3_{record['task']}_seed{record['seed']}.json")
     for row in record["rows"]:
