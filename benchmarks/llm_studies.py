@@ -116,7 +116,7 @@ def summarise_knobs(args: argparse.Namespace) -> None:
     write_json({"table": table, "rows": rows, "missing": missing}, args.out / "knobs.json")
     plot_knobs(table, args.out / "knobs.png", args.task)
     learning_curves(runs, f"{args.task}: DropLoRA's knobs, every run", runs["lora"][0]["metric_name"],
-                              args.out / "learning_curves_knobs.png")
+                    args.out / "learning_curves_knobs.png")
     print(text)
 
 
@@ -170,7 +170,7 @@ def summarise_ablations(args: argparse.Namespace) -> None:
     (args.out / "ablations.md").write_text(text)
     write_json({"table": table, "rows": rows, "missing": missing}, args.out / "ablations.json")
     learning_curves(runs, f"{args.task}: selection strategies, every run", runs["lora"][0]["metric_name"],
-                              args.out / "learning_curves_ablations.png")
+                    args.out / "learning_curves_ablations.png")
     print(text)
 
 
