@@ -11,24 +11,18 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import sys
 from pathlib import Path
-
-from rouge_score import rouge_scorer
 
 import loradrop
 from loradrop.generate_eval import GenerationEval, evaluate_generation
 from loradrop.models import load_causal_lm
+from loradrop.tasks.gen_metrics import rouge_l_scores
 from loradrop.tasks.registry import load_task
 from loradrop.training import DEMO_BUDGETS
 
 SHOWN = 8
-
-
-def per_article(result: GenerationEval) -> list[float]:
-    """ROUGE-L F of each headline (gen_metrics.rouge_l is their mean)."""
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    return [scorer.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(result.predictions, result.references)]
 
 
 def main(demo_out: Path, target: Path) -> None:
@@ -41,15 +35,14 @@ def main(demo_out: Path, target: Path) -> None:
 
     model, tokenizer = load_causal_lm(budget.model)
     base = headlines(model, tokenizer)
-    base_scores = per_article(base)
+    base_scores = rouge_l_scores(base.predictions, base.references)  # per article; the demo's score is their mean
     report = {"references": base.references[:SHOWN],
               "base": {"rougeL": base.scores["metric"], "headlines": base.predictions[:SHOWN]}}
     for run in sorted(p for p in demo_out.iterdir() if (p / "adapter").is_dir()):
         tuned = headlines(loradrop.load_adapter(load_causal_lm(budget.model)[0], run / "adapter"), tokenizer)
-        gains = [t - b for t, b in zip(per_article(tuned), base_scores)]
-        mean = sum(gains) / len(gains)
-        se = math.sqrt(sum((g - mean) ** 2 for g in gains) / (len(gains) - 1) / len(gains))
-        report[run.name] = {"rougeL": tuned.scores["metric"], "gain": mean, "gain_se": se,
+        gains = [t - b for t, b in zip(rouge_l_scores(tuned.predictions, tuned.references), base_scores)]
+        report[run.name] = {"rougeL": tuned.scores["metric"], "gain": statistics.fmean(gains),
+                            "gain_se": statistics.stdev(gains) / math.sqrt(len(gains)),
                             "better": sum(g > 0 for g in gains), "worse": sum(g < 0 for g in gains),
                             "headlines": tuned.predictions[:SHOWN]}
     target.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")

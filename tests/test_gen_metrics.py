@@ -13,6 +13,7 @@ from loradrop.tasks.gen_metrics import (
     normalize_choice,
     normalize_number,
     rouge_l,
+    rouge_l_scores,
 )
 
 
@@ -49,6 +50,7 @@ def test_choice_accuracy_by_hand():
 def test_rouge_l_by_hand():
     # LCS of "the cat sat on the mat" and "the cat is on the mat" is "the cat on the mat": P = R = F = 5/6
     assert rouge_l(["the cat sat on the mat", "a b"], ["the cat is on the mat", "c d"]) == pytest.approx((5 / 6 + 0) / 2)
+    assert rouge_l_scores(["the cat sat on the mat", "a b"], ["the cat is on the mat", "c d"]) == pytest.approx([5 / 6, 0])
 
 
 def test_bleu_by_hand():

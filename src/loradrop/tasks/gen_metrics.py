@@ -73,13 +73,18 @@ def choice_accuracy(predictions: Sequence[str], references: Sequence[str]) -> fl
     return sum(hits) / len(hits)
 
 
-def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> float:
-    """Mean ROUGE-L F-measure (longest common subsequence of words, Porter-stemmed), as
+def rouge_l_scores(predictions: Sequence[str], references: Sequence[str]) -> list[float]:
+    """ROUGE-L F-measure of each prediction (longest common subsequence of words, Porter-stemmed), as
     ``rouge-score`` computes it."""
     from rouge_score import rouge_scorer
 
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    scores = [scorer.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(predictions, references)]
+    return [scorer.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(predictions, references)]
+
+
+def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """Mean of ``rouge_l_scores``."""
+    scores = rouge_l_scores(predictions, references)
     return sum(scores) / len(scores)
 
 
