@@ -23,14 +23,13 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-import statistics
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import llm_table  # noqa: E402
-from reproduce import converged, learning_curves  # noqa: E402
+from reproduce import count_converged, learning_curves, run_rows  # noqa: E402
 
 KNOBS = [(0.1, "token"), (0.3, "token"), (0.5, "token"), (0.7, "token"), (0.5, "sample"), (0.5, "step")]
 ABLATIONS = ["lora-drop", "top-k", "random", "inverse", "inverse-share", "no-share"]
@@ -70,33 +69,18 @@ def load(path: Path) -> dict | None:
 
 
 def study_rows(args: argparse.Namespace, dirs: dict[str, list[Path]]) -> tuple[list[dict], dict[str, list[dict]], list[str]]:
-    """Per run: the summary row, its metric minus LoRA's of the same seed (``vs_lora``: the seed also
-    draws the validation split, so differences between seeds are mostly between splits, and the paired
-    difference is the sharper comparison) and the convergence rule applied within its label's seeds;
-    the runs by label; the runs not finished. ``dirs`` must have a ``lora`` label."""
-    from loradrop.training import summary_row
-
+    """``reproduce.run_rows`` of the finished runs under each setting (``dirs`` must have ``lora``); the
+    runs by setting; the runs not finished."""
     runs = {label: [r for r in map(load, paths) if r] for label, paths in dirs.items()}
     missing = [str(p) for paths in dirs.values() for p in paths if not load(p)]
-    rows = []
-    lora = {r["seed"]: 100 * r["metric"] for r in runs["lora"]}
-    for label, results in runs.items():
-        std = statistics.stdev([r["metric"] for r in results]) if len(results) > 1 else 0.0
-        for r in results:
-            rows.append({"setting": label, **summary_row(r), "metric": 100 * r["metric"],
-                         "vs_lora": 100 * r["metric"] - lora[r["seed"]], "base": 100 * r["base_model_scores"]["metric"],
-                         "converged": converged(r["eval_history"], std), "best_step": r["best_step"],
-                         "last_step": r["eval_history"][-1]["step"]})
-    return rows, runs, missing
+    return run_rows(runs, "setting"), runs, missing
 
 
 def table_text(title: str, notes: str, rows: list[dict], value_keys: tuple[str, ...], missing: list[str]) -> tuple[str, list[dict]]:
     from loradrop.report import aggregate_runs, results_table
 
     table = aggregate_runs(rows, group_by=("setting",), value_keys=value_keys)
-    for row in table:
-        mine = [r for r in rows if r["setting"] == row["setting"]]
-        row["converged"] = f"{sum(r['converged'] for r in mine)}/{len(mine)}"
+    count_converged(table, rows, ("setting",))
     text = [f"# {title}", "", notes, "", *([f"Not finished (left out): {', '.join(missing)}", ""] if missing else []),
             results_table(table), "", "## Every run", "", results_table(rows), ""]
     return "\n".join(text), table

@@ -22,14 +22,13 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-import statistics
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from reproduce import converged, learning_curves, run_group  # noqa: E402
+from reproduce import count_converged, learning_curves, run_group, run_rows  # noqa: E402
 
 METHODS = ["lora", "lora-drop", "droplora", "lora-drop+droplora"]
 # per task: the training budget, evaluation interval and generation cap (a headline is ~10 tokens, a GSM
@@ -68,7 +67,6 @@ def plan_jobs(args: argparse.Namespace) -> list[list[dict]]:
 
 def summarise(args: argparse.Namespace) -> None:
     from loradrop.report import aggregate_runs, importance_heatmap, results_table, write_json
-    from loradrop.training import summary_row
 
     rows, full, missing = [], [], []
     text = ["# SmolLM2-135M-Instruct: LoRA, LoRA-drop, DropLoRA, both", ""]
@@ -77,17 +75,11 @@ def summarise(args: argparse.Namespace) -> None:
         missing += [str(f.parent) for fs in files.values() for f in fs if not f.is_file()]  # cut off by a time limit
         runs = {m: [json.loads(f.read_text()) for f in fs if f.is_file()] for m, fs in files.items()}
         metric = runs["lora"][0]["metric_name"]
-        lora = {r["seed"]: 100 * r["metric"] for r in runs["lora"]}  # the seed draws the split: compare in pairs
-        for method, results in runs.items():
-            std = statistics.stdev([r["metric"] for r in results]) if len(results) > 1 else 0.0
-            for r in results:
-                fractions = {t: len(r["plan"]["retained"][t]) / len(r["plan"]["layers"][t]) for t in r["plan"]["layers"]}
-                row = {**summary_row(r), "metric": 100 * r["metric"], "vs_lora": 100 * r["metric"] - lora[r["seed"]],
-                       "base": 100 * r["base_model_scores"]["metric"],
-                       "converged": converged(r["eval_history"], std), "best_step": r["best_step"],
-                       "last_step": r["eval_history"][-1]["step"]}
-                rows.append(row | {f"kept_{t}": f for t, f in sorted(fractions.items())})
-                full.append(r)
+        mine = [r for results in runs.values() for r in results]
+        for row, r in zip(run_rows(runs, "method"), mine):
+            fractions = {t: len(r["plan"]["retained"][t]) / len(r["plan"]["layers"][t]) for t in r["plan"]["layers"]}
+            rows.append(row | {f"kept_{t}": f for t, f in sorted(fractions.items())})
+        full += mine
         learning_curves(runs, f"SmolLM2-135M-Instruct on {task}: every run's evaluations", metric,
                         args.out / f"learning_curves_{task}.png")
         importance = json.loads((args.runs / task / f"lora-drop-seed{args.seeds[0]}" / "importance.json").read_text())
@@ -95,9 +87,7 @@ def summarise(args: argparse.Namespace) -> None:
                            args.out / f"importance_{task}.png", title=f"{task}: LoRA importance I / max I, seed 0")
     value_keys = ("metric", "vs_lora", "base", "lora_params", "adapter_bytes") + tuple(sorted(k for k in rows[0] if k.startswith("kept_")))
     table = aggregate_runs(rows, group_by=("task", "method"), value_keys=value_keys)
-    for row in table:
-        mine = [r for r in rows if r["task"] == row["task"] and r["method"] == row["method"]]
-        row["converged"] = f"{sum(r['converged'] for r in mine)}/{len(mine)}"
+    count_converged(table, rows, ("task", "method"))
     budgets = "; ".join(f"{t}: lr {TASKS[t]['learning_rate']}, batch {TASKS[t]['batch_size']}, {TASKS[t]['epochs']:g} epochs"
                         + (f" of {TASKS[t]['max_train_examples']:,} examples" if "max_train_examples" in TASKS[t] else "")
                         for t in args.tasks)

@@ -99,6 +99,34 @@ def converged(history: list[dict], seed_std: float) -> bool:
     return best_not_last or flat
 
 
+def run_rows(runs: dict[str, list[dict]], label: str) -> list[dict]:
+    """One row per run (results.json) of each label (``runs`` must have ``lora``): ``summary_row`` with
+    the metric and its floor (``base`` / ``majority``) in %, ``vs_lora`` (minus LoRA's metric of the same
+    seed, which also draws the validation split, so this paired difference is the sharp comparison),
+    ``converged`` (the rule within the label's seeds) and the best and last evaluated steps; the label
+    goes under the key ``label``."""
+    from loradrop.training import summary_row
+
+    lora = {r["seed"]: 100 * r["metric"] for r in runs["lora"]}
+    rows = []
+    for name, results in runs.items():
+        std = statistics.stdev([r["metric"] for r in results]) if len(results) > 1 else 0.0
+        for r in results:
+            row = {label: name, **summary_row(r)}
+            floor = "base" if "base" in row else "majority"
+            rows.append({**row, "metric": 100 * r["metric"], "vs_lora": 100 * r["metric"] - lora[r["seed"]],
+                         floor: 100 * row[floor], "converged": converged(r["eval_history"], std),
+                         "best_step": r["best_step"], "last_step": r["eval_history"][-1]["step"]})
+    return rows
+
+
+def count_converged(table: list[dict], rows: list[dict], keys: tuple[str, ...]) -> None:
+    """Adds to each aggregated row how many of its runs (those equal on ``keys``) converged, as "n/m"."""
+    for row in table:
+        mine = [r for r in rows if all(r[k] == row[k] for k in keys)]
+        row["converged"] = f"{sum(r['converged'] for r in mine)}/{len(mine)}"
+
+
 def learning_curves(runs: dict[str, list[dict]], title: str, metric: str, path: Path) -> None:
     """Every run's metric at every evaluation, one colour per label of ``runs``."""
     import matplotlib
@@ -125,7 +153,6 @@ def summarise(args: argparse.Namespace) -> None:
     from scipy.stats import spearmanr
 
     from loradrop.report import aggregate_runs, importance_heatmap, results_table, sample_ratio_heatmap, write_json
-    from loradrop.training import summary_row
 
     def results(path: Path) -> dict:
         return json.loads((path / "results.json").read_text())
@@ -133,20 +160,12 @@ def summarise(args: argparse.Namespace) -> None:
     rows, full = [], []
     for task in args.tasks:
         runs = {m: [results(args.runs / task / f"{m}-seed{s}") for s in args.seeds] for m in METHODS}
-        lora = {r["seed"]: 100 * r["metric"] for r in runs["lora"]}  # the seed draws the split: compare in pairs
-        for method, mine in runs.items():
-            std = statistics.stdev([r["metric"] for r in mine]) if len(mine) > 1 else 0.0
-            for r in mine:
-                full.append(r)
-                rows.append({**summary_row(r), "metric": 100 * r["metric"], "vs_lora": 100 * r["metric"] - lora[r["seed"]],
-                             "majority": 100 * r["majority_baseline"], "converged": converged(r["eval_history"], std),
-                             "best_step": r["best_step"], "last_step": r["eval_history"][-1]["step"]})
+        full += [r for mine in runs.values() for r in mine]
+        rows += run_rows(runs, "method")
         learning_curves(runs, f"{args.model} on {task}: every run's evaluations", "accuracy",
                         args.out / f"learning_curves_{task}.png")
     main = aggregate_runs(rows, group_by=("task", "method"), value_keys=("metric", "vs_lora", "lora_params", "adapter_bytes"))
-    for row in main:
-        mine = [r for r in rows if r["task"] == row["task"] and r["method"] == row["method"]]
-        row["converged"] = f"{sum(r['converged'] for r in mine)}/{len(mine)}"
+    count_converged(main, rows, ("task", "method"))
     sweep = []
     task = args.tasks[0]
     for seed in args.seeds:
