@@ -71,8 +71,9 @@ def load(path: Path) -> dict | None:
 def study_rows(args: argparse.Namespace, dirs: dict[str, list[Path]]) -> tuple[list[dict], dict[str, list[dict]], list[str]]:
     """``reproduce.run_rows`` of the finished runs under each setting (``dirs`` must have ``lora``); the
     runs by setting; the runs not finished."""
-    runs = {label: [r for r in map(load, paths) if r] for label, paths in dirs.items()}
-    missing = [str(p) for paths in dirs.values() for p in paths if not load(p)]
+    loaded = {label: [(p, load(p)) for p in paths] for label, paths in dirs.items()}
+    runs = {label: [r for _, r in pairs if r] for label, pairs in loaded.items()}
+    missing = [str(p) for pairs in loaded.values() for p, r in pairs if not r]
     return run_rows(runs, "setting"), runs, missing
 
 
